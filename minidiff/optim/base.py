@@ -1,0 +1,233 @@
+"""What every minidiff optimizer shares: the parameter dict, explicit state, scratch buffers, diagnostics, checkpoints.
+
+An optimizer step has the same skeleton for SGD, Adam and NAdam:
+
+    g_t = ±∇f(θ_{t-1}) + λ θ_{t-1}      effective gradient (sign flipped for `maximize`, coupled weight decay λ)
+    u_t = U(g_t, state)                  the optimizer's rule; it also updates its state (buffers, step count)
+    θ_t = θ_{t-1} + u_t                  in place, on the caller's arrays
+
+Subclasses write U (`_update`); this class does the rest. Nothing allocates during a step: the state buffers are
+made once, at construction, and three scratch arrays (views into one flat buffer per dtype, sized for the largest
+parameter) hold g_t, the update u_t and one temporary, so the step is a fixed sequence of `out=` operations that
+runs unchanged on NumPy, CuPy and the strict backend. Per-step coefficients (bias corrections, step sizes) are
+Python floats computed on the host from the step count, so a step never waits for the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import backend_of, get_array_module, to_numpy
+
+
+def check_nonnegative(name: str, value) -> None:
+    if not value >= 0.0:  # `not >=` also refuses NaN
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def check_beta(name: str, value) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_positive(name: str, value) -> None:
+    if not value > 0.0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def scratch_views(params: dict, count: int) -> dict:
+    """name -> tuple of `count` arrays shaped like params[name], views into one flat buffer per (dtype, slot).
+
+    Parameters are processed one after another, so they can share scratch memory: `count` x the largest parameter,
+    not `count` x the model.
+    """
+    sizes: dict = {}
+    for p in params.values():
+        sizes[p.dtype] = max(sizes.get(p.dtype, 0), p.size)
+    xp = get_array_module(*params.values())
+    flat = {dt: [xp.empty(n, dtype=dt) for _ in range(count)] for dt, n in sizes.items()}
+    return {name: tuple(buf[:p.size].reshape(p.shape) for buf in flat[p.dtype]) for name, p in params.items()}
+
+
+class Diagnostics:
+    """Accumulates squared norms and dot products over parameters; every result stays a 0-d device array."""
+
+    def __init__(self, xp, per_param: bool):
+        self.xp = xp
+        self.sums: dict = {}
+        self.counts: dict = {}  # element counts for RMS entries (host ints)
+        self.host: dict = {}  # numbers already on the host (bias corrections), returned as Python floats
+        self.per_param = {} if per_param else None
+        self._w2 = None
+
+    def add(self, key: str, value) -> None:
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def add_rms(self, key: str, x) -> None:
+        """Accumulate x for the root mean square of all its elements over all parameters."""
+        self.add(key, self.xp.vdot(x, x))
+        self.counts[key] = self.counts.get(key, 0) + x.size
+
+    def before_update(self, theta, g, buf) -> None:
+        """theta: θ_{t-1}; g: effective gradient g_t; buf: momentum buffer / first moment before this step, or None."""
+        xp = self.xp
+        self._w2 = xp.vdot(theta, theta)
+        self.add("w2", self._w2)
+        self.add("g2", xp.vdot(g, g))
+        if buf is not None:
+            self.add("b2", xp.vdot(buf, buf))
+            self.add("gb", xp.vdot(g, buf))
+
+    def after_update(self, name: str, u) -> None:
+        u2 = self.xp.vdot(u, u)
+        self.add("u2", u2)
+        if self.per_param is not None:
+            self.per_param[name] = self.xp.sqrt(u2) / self.xp.maximum(self.xp.sqrt(self._w2), 1e-30)
+
+    def result(self) -> dict:
+        xp, s = self.xp, self.sums
+        out = {"update_norm": xp.sqrt(s["u2"]), "weight_norm": xp.sqrt(s["w2"]), "grad_norm": xp.sqrt(s["g2"])}
+        out["update_to_weight"] = out["update_norm"] / xp.maximum(out["weight_norm"], 1e-30)
+        if "gb" in s:  # an all-zero buffer (the first step) gives cosine 0, not NaN
+            out["cos_grad_momentum"] = s["gb"] / xp.maximum(xp.sqrt(s["g2"] * s["b2"]), 1e-30)
+        for key, n in self.counts.items():
+            out[key] = xp.sqrt(s[key] / n)
+        out.update(self.host)
+        if self.per_param is not None:
+            out["update_to_weight_per_param"] = self.per_param
+        return out
+
+
+class Optimizer:
+    """Base class. Subclasses set `name`, `hyper_names`, `buffer_names()` and implement `_update`."""
+
+    name = "optimizer"
+    hyper_names: tuple = ("lr",)
+    scalar_state_names: tuple = ("step",)  # host numbers that are state, not hyperparameters
+    coupled_weight_decay = True  # λθ is added to the gradient (False: AdamW-style decay applied to θ directly)
+    maximize = False
+    weight_decay = 0.0
+
+    def __init__(self, params: dict, lr: float):
+        if not isinstance(params, dict) or not params:
+            raise ValueError("params must be a non-empty dict name -> array (the model's parameters)")
+        self.params = params
+        self.lr = lr
+        self.step_count = 0
+        self._xp = get_array_module(*params.values())
+        self.state = {name: {b: self._xp.zeros_like(p) for b in self.buffer_names()} for name, p in params.items()}
+        self._scratch = scratch_views(params, 3)
+
+    # --- hyperparameters ---------------------------------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value) -> None:
+        check_nonnegative("lr", value)
+        self._lr = float(value)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid hyperparameter (subclasses extend)."""
+        check_nonnegative("weight_decay", self.weight_decay)
+
+    def buffer_names(self) -> tuple:
+        """Names of the per-parameter state arrays (PyTorch's names, so states compare key by key)."""
+        return ()
+
+    def direction_buffer(self, name: str):
+        """The momentum buffer / first moment that diagnostics compare the gradient with, or None."""
+        return None
+
+    # --- the step ----------------------------------------------------------------------------------------------
+    def step(self, grads: dict, diagnostics: bool = False, per_param: bool = False):
+        """One update of every parameter, in place. grads: dict keyed like params, arrays shaped like them.
+
+        Returns None, or with `diagnostics=True` a dict of 0-d backend arrays (no host synchronisation):
+        update_norm ||u_t||, weight_norm ||θ_{t-1}||, update_to_weight ||u_t|| / ||θ_{t-1}||, grad_norm ||g_t||,
+        cos_grad_momentum cos(g_t, buffer_{t-1}) (optimizers with a momentum buffer / first moment; the buffer before
+        it absorbs g_t, so a negative value means the new gradient opposes the accumulated direction), plus the
+        optimizer's own entries; `per_param=True` adds update_to_weight_per_param: name -> 0-d array.
+        """
+        missing = [n for n in self.params if n not in grads]
+        if missing:
+            raise KeyError(f"grads has no entry for parameter(s) {missing}")
+        self.step_count += 1
+        coef = self._coefficients()
+        diag = Diagnostics(self._xp, per_param) if diagnostics else None
+        for name, theta in self.params.items():
+            if grads[name].shape != theta.shape:  # `out[...] = grad` would broadcast a wrong shape silently
+                raise ValueError(f"gradient {name} has shape {grads[name].shape}, parameter has {theta.shape}")
+            g, tmp, u = self._scratch[name]
+            self._effective_grad(theta, grads[name], g)
+            if diag is not None:
+                diag.before_update(theta, g, self.direction_buffer(name))
+            self._update(name, theta, g, tmp, u, coef, diag)
+            if diag is not None:
+                diag.after_update(name, u)
+            theta += u
+        if diag is not None:
+            self._diag_host(diag, coef)
+            return diag.result()
+        return None
+
+    def _effective_grad(self, theta, grad, out) -> None:
+        """out = ±grad + λθ (PyTorch: `grad = -grad if maximize`, then `grad = grad + weight_decay * param`)."""
+        xp = self._xp
+        if self.coupled_weight_decay and self.weight_decay != 0.0:
+            xp.multiply(theta, self.weight_decay, out=out)
+            (xp.subtract if self.maximize else xp.add)(out, grad, out=out)
+        elif self.maximize:
+            xp.negative(grad, out=out)
+        else:
+            out[...] = grad
+
+    def _coefficients(self) -> dict:
+        """Host floats this step needs (bias corrections, step sizes); computed once per step, not per parameter."""
+        return {}
+
+    def _update(self, name, theta, g, tmp, u, coef, diag) -> None:
+        """Write u_t into `u` and advance this parameter's state. `g` and `tmp` may be overwritten."""
+        raise NotImplementedError
+
+    def _diag_host(self, diag: Diagnostics, coef: dict) -> None:
+        """Add host-known diagnostics (bias-correction factors)."""
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Plain data: strings, Python numbers and host NumPy copies; round-trips through HDF5 bit for bit."""
+        buffers = {}
+        for pname, bufs in self.state.items():
+            buffers[pname] = {b: np.array(to_numpy(a), copy=True) for b, a in bufs.items()}
+        sd = {"optimizer": self.name, "hyper": {h: getattr(self, h) for h in self.hyper_names}, "buffers": buffers}
+        sd.update({s: getattr(self, self._scalar_attr(s)) for s in self.scalar_state_names})
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore hyperparameters, step count and buffers (copied into the existing arrays, which keep identity)."""
+        if str(sd["optimizer"]) != self.name:
+            raise ValueError(f"state_dict is for optimizer {sd['optimizer']!r}, not {self.name!r}")
+        if set(sd["buffers"]) != set(self.state):
+            raise ValueError(f"state_dict parameters {sorted(sd['buffers'])} != optimizer's {sorted(self.state)}")
+        for h in self.hyper_names:
+            setattr(self, h, type(getattr(self, h))(sd["hyper"][h]))  # HDF5 hands back numpy scalars
+        self.validate()
+        backend = backend_of(next(iter(self.params.values())))
+        for pname, bufs in self.state.items():
+            for b, arr in bufs.items():
+                host = sd["buffers"][pname][b]
+                if tuple(host.shape) != arr.shape:
+                    raise ValueError(f"state_dict buffer {pname}/{b} has shape {host.shape}, expected {arr.shape}")
+                arr[...] = backend.asarray(host, dtype=arr.dtype)
+        for s in self.scalar_state_names:
+            attr = self._scalar_attr(s)
+            setattr(self, attr, type(getattr(self, attr))(sd[s]))
+
+    @staticmethod
+    def _scalar_attr(name: str) -> str:
+        return "step_count" if name == "step" else name
+
+    def __repr__(self) -> str:
+        hyper = ", ".join(f"{h}={getattr(self, h)!r}" for h in self.hyper_names)
+        return f"{type(self).__name__}({hyper}; {len(self.params)} arrays, step {self.step_count})"
