@@ -1,0 +1,86 @@
+"""What every minidiff model shares: seeded PyTorch-style parameters on a backend, the tape, and weight loading.
+
+The model interface (UNet, MLPDenoiser):
+  model.params            dict name -> backend array, PyTorch names and layouts, insertion-ordered
+  model.forward(x, t)     x a backend array, t a host NumPy int array (N,); returns an array shaped like x and keeps
+                          the caches for backward; forward(x, t, cache=False) keeps nothing (sampling, evaluation)
+  model.backward(dout)    gradients after a forward: same keys, shapes and dtype as params
+  model.config            JSON-serialisable constructor kwargs (without device): build_model(name, **config)
+  model.backend, model.dtype, model.load_params(arrays)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import Backend, get_backend, resolve_dtype
+from .layers import init_param
+
+
+class Tape(list):
+    """The caches of one forward pass: modules push one entry each, backward pops them in reverse."""
+
+
+class NoTape:
+    """Stands in for a Tape when nothing must be kept (forward(..., cache=False))."""
+
+    def append(self, entry):
+        pass
+
+
+def add_grads(grads, prefix, layer_grads):
+    """Store a layer's {"weight": ..., "bias": ...} under the full parameter names `prefix.weight`, ..."""
+    for k, v in layer_grads.items():
+        grads[f"{prefix}.{k}"] = v
+
+
+class Denoiser:
+    """Base class: builds `params` from specs with a seeded host RNG and keeps the forward's tape for backward."""
+
+    def __init__(self, config, dtype="float32", seed=0, device=None):
+        self.config = dict(config, dtype=np.dtype(resolve_dtype(dtype)).name, seed=int(seed))
+        self.dtype = resolve_dtype(dtype)
+        self.backend = device if isinstance(device, Backend) else get_backend(device)
+        self.params = {}
+        self._tape = None
+
+    def _init_params(self, specs):
+        """specs: iterable of (name, shape, init), in registration order; drawn on the host in that order."""
+        rng = np.random.default_rng(self.config["seed"])
+        for name, shape, init in specs:
+            host = init_param(rng, shape, init)
+            self.params[name] = self.backend.asarray(host, dtype=self.dtype)
+
+    def _start(self, x, cache):
+        """Cast the input to the model dtype and open a tape (or a NoTape) for this forward."""
+        x = x.astype(self.dtype, copy=False)
+        if not cache:
+            return x, NoTape()  # an earlier forward's tape stays, so its backward can still run
+        self._tape = Tape()
+        return x, self._tape
+
+    def _finish_backward(self, grads):
+        """Check the tape was consumed and return the gradients in parameter order."""
+        if self._tape:
+            raise RuntimeError(f"backward left {len(self._tape)} caches unused: the tape is out of step")
+        self._tape = None
+        return {name: grads[name] for name in self.params}
+
+    def _tape_for_backward(self):
+        if self._tape is None:
+            raise RuntimeError("backward needs a forward(x, t) with cache=True first (and runs once per forward)")
+        return self._tape
+
+    def load_params(self, arrays):
+        """Copy host or device arrays into the existing parameter arrays, in place; names and shapes must match."""
+        missing, extra = set(self.params) - set(arrays), set(arrays) - set(self.params)
+        if missing or extra:
+            raise KeyError(f"parameter names differ: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for name, p in self.params.items():
+            value = arrays[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: shape {tuple(value.shape)} does not match {tuple(p.shape)}")
+            p[...] = self.backend.asarray(value, dtype=self.dtype)
+
+    def num_params(self) -> int:
+        return int(sum(p.size for p in self.params.values()))
