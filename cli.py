@@ -1,14 +1,36 @@
 """The `minidiff` command line: parses options and calls into the package; no logic lives here."""
 
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
 import click
 
 from minidiff import __version__, optim_demo
+from minidiff.backend import BackendError
+from minidiff.config import (DEFAULT_LR, DEVICES, MODEL_NAMES, OPTIMIZER_NAMES, TIMESTEP_SAMPLING, TrainConfig,
+                             default_run_path, load_config_file)
+from minidiff.data import DATASETS, DataError
+from minidiff.diffusion import PREDICTIONS, WEIGHTINGS
+from minidiff.lr_schedules import LR_SCHEDULES
+from minidiff.run_tools import sample_png, summarize
+from minidiff.runs import RunFile, RunFileError
+from minidiff.schedules import SCHEDULES
+from minidiff.train import TrainingDiverged, TrainingInterrupted, resume_run, start_run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="minidiff")
 def main():
     """minidiff: diffusion models from scratch on NumPy/CuPy, no autograd."""
+
+
+class BadInput(click.ClickException):
+    """Bad input found after parsing (a config value, an existing file): one line, exit code 2, like a usage error."""
+
+    exit_code = 2
 
 
 class _OneLineUsageErrors(click.Command):
@@ -43,6 +65,186 @@ def optim_demo_command(optimizers, problems, kappa, tol, max_steps, out):
     click.echo(table)
     if out:
         click.echo(f"trajectories written to {out}")
+
+
+# --- training runs --------------------------------------------------------------------------------------------------
+def _train_options(f):
+    """Every TrainConfig field as an option; None means 'not given' so --config files and defaults show through."""
+    opts = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="JSON or TOML file setting any option below (command-line options win)."),
+        click.option("--dataset", help=f"Built-in data set ({', '.join(DATASETS)}) or a path to .npy/.npz/.h5/IDX "
+                                       "images. [default: digits]"),
+        click.option("--model", type=click.Choice(MODEL_NAMES), help="Denoiser; auto = UNet for images, MLP for "
+                                                                     "points. [default: auto]"),
+        click.option("--base-channels", type=click.IntRange(min=1), help="UNet width (model option)."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZER_NAMES), help="[default: adam]"),
+        click.option("--lr", type=float, help="Learning rate, > 0. [default: per optimizer: "
+                     + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "]"),
+        click.option("--momentum", type=float, help="Momentum for momentum/nesterov, in [0, 1). [default: 0.9]"),
+        click.option("--dampening", type=float, help="SGD dampening (heavy-ball only), in [0, 1]. [default: 0]"),
+        click.option("--beta1", type=float, help="Adam-family beta1, in [0, 1). [default: 0.9]"),
+        click.option("--beta2", type=float, help="Adam-family beta2, in [0, 1). [default: 0.999]"),
+        click.option("--eps", type=float, help="Adam-family eps, > 0. [default: 1e-8]"),
+        click.option("--weight-decay", type=float, help="Weight decay, >= 0. [default: 0]"),
+        click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="[default: constant]"),
+        click.option("--warmup-steps", type=int, help="Linear warm-up steps for warmup schedules. [default: 0]"),
+        click.option("--grad-clip", type=float, help="Clip the global gradient norm at this value; 0 disables. "
+                                                     "[default: 1.0]"),
+        click.option("--ema-decay", type=float, help="EMA decay of the weights used for samples. [default: 0.999]"),
+        click.option("--batch-size", type=int, help="[default: 128]"),
+        click.option("--steps", type=int, help="Optimizer steps. [default: 3000]"),
+        click.option("--seed", type=int, help="Seeds data order, init, t and noise. [default: 0]"),
+        click.option("--schedule", type=click.Choice(SCHEDULES), help="Noise schedule. [default: linear]"),
+        click.option("--timesteps", type=int, help="Diffusion steps T. [default: 1000]"),
+        click.option("--prediction", type=click.Choice(PREDICTIONS), help="What the model predicts. "
+                                                                          "[default: epsilon]"),
+        click.option("--weighting", type=click.Choice(WEIGHTINGS), help="Loss weighting over t. [default: uniform]"),
+        click.option("--timestep-sampling", type=click.Choice(TIMESTEP_SAMPLING), help="[default: uniform]"),
+        click.option("--device", type=click.Choice(DEVICES), help="cpu (NumPy), gpu (CuPy), auto. "
+                                                                  "[default: $MINIDIFF_DEVICE or cpu]"),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), help="[default: float32]"),
+        click.option("--log-every", type=int, help="Log metrics every N steps. [default: 50]"),
+        click.option("--ckpt-every", type=int, help="Checkpoint every N steps. [default: 500]"),
+        click.option("--sample-every", type=int, help="Save EMA samples every N steps. [default: 1000]"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _build_config(config_file, options) -> TrainConfig:
+    """TrainConfig defaults <- the --config file <- options given on the command line; BadInput if invalid."""
+    try:
+        values = load_config_file(config_file) if config_file else {}
+        base_channels = options.pop("base_channels")
+        values.update({k: v for k, v in options.items() if v is not None})
+        if base_channels is not None:
+            values["model_options"] = dict(values.get("model_options", {}), base_channels=base_channels)
+        if values.get("grad_clip") == 0:
+            values["grad_clip"] = None
+        if values.get("device") is None:
+            values["device"] = os.environ.get("MINIDIFF_DEVICE", "cpu")
+        return TrainConfig.from_dict(values)
+    except (ValueError, TypeError) as exc:
+        raise BadInput(str(exc)) from None
+
+
+@main.command("train", cls=_OneLineUsageErrors)
+@_train_options
+@click.option("--out", type=click.Path(dir_okay=False), help="Run file to write. [default: runs/<dataset>-"
+                                                              "<optimizer>-<time>.h5]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def train_command(ctx, config_file, out, overwrite, quiet, **options):
+    """Train a diffusion model and record the run in an HDF5 file (default: UNet on the bundled digits, Adam)."""
+    config = _build_config(config_file, options)
+    out = Path(out or default_run_path(config))
+    if out.exists() and not overwrite:
+        raise BadInput(f"{out} already exists; pass --overwrite to replace it or --out to choose another")
+    with _friendly_errors():
+        trainer, run = start_run(config, out, command_line=" ".join(sys.argv), overwrite=overwrite)
+    click.echo(f"training {trainer.model_name} ({trainer.model.num_params():,} parameters) on {config.dataset} "
+               f"with {config.optimizer} lr={config.resolved_lr:g} for {config.steps} steps on "
+               f"{trainer.backend.name} -> {out}", err=True)
+    _run_training(trainer, run, config.steps, quiet)
+    click.echo(f"done: {out}\n  look at samples:  minidiff sample {out} --out {out.with_suffix('.png')}\n"
+               f"  inspect the run:  minidiff inspect {out}")
+
+
+@main.command("resume", cls=_OneLineUsageErrors)
+@click.argument("run_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--steps", type=click.IntRange(min=1), help="Continue to this many steps in total. "
+                                                          "[default: the run's planned steps]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def resume_command(run_file, steps, quiet):
+    """Continue a run from its checkpoint; bitwise identical to an uninterrupted run on the CPU."""
+    with _friendly_errors():
+        trainer, run = resume_run(run_file)
+    until = steps or trainer.config.steps
+    if trainer.step >= until:
+        run.set_status("finished", f"trained to step {trainer.step}")
+        click.echo(f"{run_file} is already at step {trainer.step} (>= {until}); nothing to do")
+        return
+    click.echo(f"resuming {run_file} at step {trainer.step} -> {until}", err=True)
+    _run_training(trainer, run, until, quiet)
+    click.echo(f"done: {run_file} at step {trainer.step}")
+
+
+def _run_training(trainer, run, until, quiet):
+    start = trainer.step
+    shown = {"loss": float("nan")}
+    t0 = time.perf_counter()
+
+    def show(_):
+        rate = (trainer.step - start) / max(time.perf_counter() - t0, 1e-9)
+        return f"step {trainer.step}  loss {shown['loss']:.4f}  {rate:.1f} it/s"
+
+    with click.progressbar(length=until - start, label="train", item_show_func=show, file=sys.stderr,
+                           hidden=quiet) as bar:
+        def progress(step, metrics):
+            if metrics:
+                shown["loss"] = metrics["loss"]
+            bar.update(1, step)
+        try:
+            trainer.train(run, until, progress=progress)
+        except TrainingDiverged as exc:
+            raise click.ClickException(str(exc)) from None
+        except TrainingInterrupted as exc:
+            click.echo(f"\n{exc}; continue with: minidiff resume {run.path}", err=True)
+            sys.exit(130)
+
+
+@main.command("sample", cls=_OneLineUsageErrors)
+@click.argument("run_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of samples.")
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="DDIM steps.")
+@click.option("--eta", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="DDIM eta.")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Sample from the EMA weights.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG to write. [default: RUN_FILE with .png]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing PNG.")
+@click.pass_context
+def sample_command(ctx, run_file, n, sampler, steps, eta, ema, seed, out, overwrite):
+    """Sample from a run's checkpoint and write a PNG grid (images) or scatter (2-D points)."""
+    out = Path(out or Path(run_file).with_suffix(".png"))
+    if out.exists() and not overwrite:
+        raise BadInput(f"{out} already exists; pass --overwrite to replace it or --out to choose another")
+    with _friendly_errors():
+        if RunFile.open(run_file).checkpoint_step is None:
+            raise ValueError(f"{run_file}: the run has no checkpoint yet (nothing to sample from)")
+        total = {"n": None}
+        with click.progressbar(length=1000 if sampler == "ddpm" else steps, label=f"{sampler}",
+                               file=sys.stderr) as bar:
+            def progress(i, count):
+                if total["n"] is None:
+                    total["n"] = count
+                    bar.length = count
+                bar.update(1)
+            info = sample_png(run_file, out, n=n, sampler=sampler, num_steps=steps, eta=eta, use_ema=ema, seed=seed,
+                              progress=progress, overwrite=overwrite)
+    click.echo(f"{info['n']} samples from step {info['step']} ({sampler}) -> {out}")
+
+
+@main.command("inspect", cls=_OneLineUsageErrors)
+@click.argument("run_file", type=click.Path(exists=True, dir_okay=False))
+def inspect_command(run_file):
+    """Print a run's config, status, progress, last metrics and a loss sparkline."""
+    with _friendly_errors():
+        click.echo(summarize(run_file))
+
+
+@contextlib.contextmanager
+def _friendly_errors():
+    """Bad data, a damaged run file or an unusable device: one line on stderr, exit code 2, no traceback."""
+    try:
+        yield
+    except (DataError, RunFileError, BackendError, ValueError, KeyError, OSError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

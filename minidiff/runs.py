@@ -302,6 +302,14 @@ class RunFile:
         self._attrs.update(status=status, status_message=message)
         self._rewrite()
 
+    def set_attrs(self, **values) -> None:
+        """Extra root attributes (strings or numbers, e.g. layer_names as JSON); written with the next flush."""
+        self._require_writable()
+        reserved = sorted(set(values) & {"format", "format_version", "status", "config", "created"})
+        if reserved:
+            raise ValueError(f"attribute(s) {reserved} are managed by RunFile")
+        self._attrs.update(values)
+
     # --- the one writer ------------------------------------------------------------------------------------------
     def _require_writable(self):
         if not self.writable:

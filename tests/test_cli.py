@@ -1,0 +1,115 @@
+"""The command line as a user meets it: bad input is one line and exit code 2, runs can be resumed and sampled."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from minidiff.runs import RunFile
+
+FAST = ["--dataset", "moons", "--steps", "6", "--timesteps", "50", "--batch-size", "32", "--log-every", "2",
+        "--ckpt-every", "3", "--sample-every", "100", "-q"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "nan.npy").write_bytes(b"")
+    np.save(tmp_path / "nan.npy", np.full((4, 8, 8), np.nan))
+    np.save(tmp_path / "rank.npy", np.zeros(5))
+    (tmp_path / "garbage.h5").write_bytes(b"not an hdf5 file at all")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "bad.toml").write_text("lr = [")
+    (tmp_path / "neg.json").write_text(json.dumps({"beta1": 2.0}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "--optimizer", "rmsprop"], ["--optimizer", "rmsprop"]),
+    (["train", "--beta1", "1.0"], ["beta1", "[0, 1)"]),
+    (["train", "--beta2", "-0.1"], ["beta2"]),
+    (["train", "--lr", "0"], ["lr must be > 0"]),
+    (["train", "--lr", "abc"], ["--lr"]),
+    (["train", "--momentum", "-1"], ["momentum"]),
+    (["train", "--batch-size", "0"], ["batch_size"]),
+    (["train", "--steps", "-5"], ["steps"]),
+    (["train", "--dataset", "nosuch"], ["digits", "moons"]),
+    (["train", "--dataset", "{d}/missing.npy"], ["missing.npy"]),
+    (["train", "--dataset", "{d}/nan.npy"], ["nan.npy"]),
+    (["train", "--dataset", "{d}/rank.npy"], ["rank.npy"]),
+    (["train", "--config", "{d}/bad.json"], ["bad.json"]),
+    (["train", "--config", "{d}/bad.toml"], ["bad.toml"]),
+    (["train", "--config", "{d}/neg.json"], ["beta1"]),
+    (["train", "--config", "{d}/none.json"], ["none.json"]),
+    (["train", "--dataset", "moons", "--model", "unet"], ["needs image data"]),
+    (["train", "--device", "tpu"], ["--device"]),
+    (["inspect", "{d}/garbage.h5"], ["garbage.h5"]),
+    (["sample", "{d}/garbage.h5"], ["garbage.h5"]),
+    (["resume", "{d}/garbage.h5"], ["garbage.h5"]),
+    (["inspect", "{d}/absent.h5"], ["absent.h5"]),
+    (["optim-demo", "--kappa", "0.5"], ["--kappa"]),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_is_one_line_exit_2_no_traceback(bad_files, args, fragments):
+    args = [a.format(d=bad_files) for a in args]
+    _one_line_error(invoke(*args, "--out", bad_files / "run.h5") if args[0] == "train" else invoke(*args),
+                    *fragments)
+    assert not (bad_files / "run.h5").exists()
+
+
+def test_existing_run_is_not_overwritten_without_the_flag(tmp_path):
+    out = tmp_path / "r.h5"
+    assert invoke("train", *FAST, "--out", out).exit_code == 0
+    before = out.read_bytes()
+    _one_line_error(invoke("train", *FAST, "--out", out), "already exists", "--overwrite")
+    assert out.read_bytes() == before
+    assert invoke("train", *FAST, "--seed", "1", "--out", out, "--overwrite").exit_code == 0
+    assert RunFile.open(out).config["seed"] == 1
+
+
+def test_config_file_sets_options_and_command_line_wins(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('optimizer = "nesterov"\nlr = 0.01\nbatch-size = 16\n')
+    out = tmp_path / "r.h5"
+    result = invoke("train", *FAST, "--config", cfg, "--lr", "0.02", "--out", out)
+    assert result.exit_code == 0, result.output
+    config = RunFile.open(out).config
+    assert (config["optimizer"], config["lr"], config["batch_size"]) == ("nesterov", 0.02, 32)
+
+
+def test_train_then_resume_then_inspect_then_sample(tmp_path):
+    out = tmp_path / "r.h5"
+    assert invoke("train", *FAST, "--out", out).exit_code == 0
+    result = invoke("resume", out, "--steps", "10", "-q")
+    assert result.exit_code == 0, result.output
+    run = RunFile.open(out)
+    assert run.checkpoint_step == 10 and run.status == "finished"
+    text = invoke("inspect", out).output
+    assert "status     finished" in text and "loss" in text
+    png = tmp_path / "points.png"
+    result = invoke("sample", out, "--n", "50", "--steps", "5", "--out", png)
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _one_line_error(invoke("sample", out, "--n", "50", "--steps", "5", "--out", png), "already exists")
+
+
+def test_console_script_and_python_cli_both_work():
+    for cmd in (["minidiff", "--help"], [sys.executable, "cli.py", "--help"]):
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__)
+                                                                             .parents[1]))
+        assert result.returncode == 0 and "train" in result.stdout

@@ -1,0 +1,210 @@
+"""The training loop: determinism, resume equivalence, divergence, interruption, and the run file it leaves."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from minidiff.config import TrainConfig
+from minidiff.runs import RunFile
+from minidiff.train import Trainer, TrainingDiverged, resume_run, start_run
+
+TINY_UNET = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4)
+
+
+def tiny(**changes):
+    base = dict(dataset="digits", model="unet", model_options=TINY_UNET, batch_size=16, steps=12, timesteps=100,
+                log_every=3, ckpt_every=4, sample_every=6, sample_count=4, sample_steps=3)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def _state(trainer):
+    s = trainer.state_dict()
+    return s["params"], s["optimizer"], s["ema"]["params"]
+
+
+def _untimed(state):
+    """A trainer's state without its clock readings (the only part two identical runs may differ in)."""
+    state.pop("train_time")
+    state["accumulators"].pop("time")
+    return state
+
+
+def _assert_bitwise_equal(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "nesterov"])
+def test_same_config_and_seed_give_a_bitwise_identical_run(tmp_path, optimizer):
+    runs = []
+    for i in range(2):
+        trainer, run = start_run(tiny(optimizer=optimizer), tmp_path / f"r{i}.h5")
+        trainer.train(run, 8)
+        runs.append((trainer, run))
+    _assert_bitwise_equal(_state(runs[0][0]), _state(runs[1][0]))
+    m0, m1 = runs[0][1].metrics(), runs[1][1].metrics()
+    assert m0["loss"].tobytes() == m1["loss"].tobytes()
+
+
+def test_different_seeds_give_different_runs(tmp_path):
+    a, ra = start_run(tiny(seed=0), tmp_path / "a.h5")
+    b, rb = start_run(tiny(seed=1), tmp_path / "b.h5")
+    a.train(ra, 3)
+    b.train(rb, 3)
+    assert not np.array_equal(a.state_dict()["params"]["conv_in.weight"], b.state_dict()["params"]["conv_in.weight"])
+
+
+@pytest.mark.parametrize("config", [tiny(), tiny(optimizer="momentum", timestep_sampling="loss_aware",
+                                                 prediction="v", weighting="min_snr"),
+                                    tiny(dataset="moons", model="auto", model_options={}, batch_size=64)],
+                         ids=["unet-adam", "unet-momentum-lossaware-v", "mlp-moons"])
+def test_resume_continues_bitwise_identically(tmp_path, config):
+    straight, run = start_run(config, tmp_path / "straight.h5")
+    straight.train(run, 12)
+    half, run = start_run(config, tmp_path / "half.h5")
+    half.train(run, 5)  # stops off the checkpoint and log grid: the last checkpoint is written at the stop
+    run.close()
+    resumed, run = resume_run(tmp_path / "half.h5")
+    assert resumed.step == 5
+    resumed.train(run, 12)
+    _assert_bitwise_equal(_untimed(straight.state_dict()), _untimed(resumed.state_dict()))
+    m_straight, m_resumed = RunFile.open(tmp_path / "straight.h5").metrics(), RunFile.open(tmp_path / "half.h5").metrics()
+    np.testing.assert_array_equal(m_straight["step"], m_resumed["step"])
+    np.testing.assert_array_equal(m_straight["loss"], m_resumed["loss"])
+
+
+def test_run_file_records_metrics_checkpoint_samples_and_status(tmp_path):
+    trainer, run = start_run(tiny(), tmp_path / "r.h5", command_line="minidiff train --test")
+    trainer.train(run, 12)
+    run = RunFile.open(tmp_path / "r.h5")
+    m = run.metrics()
+    assert list(m["step"]) == [3, 6, 9, 12]
+    for key in ("loss", "lr", "grad_norm", "step_time", "update_to_weight", "cos_grad_momentum"):
+        assert np.all(np.isfinite(m[key])), key
+    assert m["timestep_loss"].shape == (4, 10)
+    assert run.status == "finished" and run.checkpoint_step == 12
+    assert run.sample_steps() == [6, 12]
+    images, attrs = run.load_samples(12)
+    assert images.dtype == np.uint8 and images.shape == (4, 1, 8, 8) and attrs["sampler"] == "ddim"
+    assert run.config == tiny().to_dict() | {"model_options": {**TINY_UNET, "channel_mults": [1, 2],
+                                                                "attention_levels": [1]}}
+    assert run.attrs["command_line"] == "minidiff train --test"
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer, run = start_run(tiny(log_every=2, ckpt_every=2), tmp_path / "r.h5")
+    trainer.train(run, 4)
+    good = trainer.state_dict()["params"]
+    trainer.model.params["conv_in.weight"][...] = np.nan
+    with pytest.raises(TrainingDiverged, match="diverged"):
+        trainer.train(run, 8)
+    run = RunFile.open(tmp_path / "r.h5")
+    assert run.status == "diverged" and run.checkpoint_step == 4
+    _assert_bitwise_equal(run.load_checkpoint()["params"], good)
+
+
+def test_model_option_the_model_does_not_take_is_a_clear_error():
+    with pytest.raises(ValueError, match="model 'mlp' has no option 'base_channels'"):
+        Trainer(tiny(dataset="moons", model="mlp"))
+
+
+def test_unet_for_points_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs image data"):
+        Trainer(tiny(dataset="moons", model="unet"))
+
+
+def test_bad_config_values_name_the_option():
+    for changes, name in [({"lr": -1.0}, "lr"), ({"beta1": 1.0}, "beta1"), ({"optimizer": "rmsprop"}, "optimizer"),
+                          ({"batch_size": 0}, "batch_size"), ({"momentum": -0.1}, "momentum")]:
+        with pytest.raises(ValueError, match=name):
+            tiny(**changes).validated()
+
+
+_KILL_SCRIPT = """
+import sys
+from minidiff.config import TrainConfig
+from minidiff.train import start_run
+cfg = TrainConfig(dataset="moons", batch_size=32, steps=100000, timesteps=50, log_every=2, ckpt_every=3,
+                  sample_every=100000, sample_steps=2)
+trainer, run = start_run(cfg, sys.argv[1])
+print("started", flush=True)
+trainer.train(run, 100000)
+"""
+
+
+def test_sigkill_at_random_moments_leaves_a_file_that_opens_and_resumes(tmp_path):
+    rng = np.random.default_rng(0)
+    for trial in range(4):
+        path = tmp_path / f"k{trial}.h5"
+        proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "started", proc.stderr.read()
+        time.sleep(0.3 + rng.uniform(0, 1.2))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        run = RunFile.open(path)
+        if run.checkpoint_step is None:  # killed before the first checkpoint: still a valid, empty run
+            continue
+        run.close()
+        trainer, run = resume_run(path)
+        trainer.train(run, trainer.step + 2)
+        assert RunFile.open(path).status == "finished"
+
+
+def test_sigint_writes_a_checkpoint_and_marks_the_run_interrupted(tmp_path):
+    path = tmp_path / "i.h5"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    run = RunFile.open(path)
+    assert run.status == "interrupted", err
+    assert "TrainingInterrupted" in err
+    step = run.checkpoint_step
+    assert step is not None and step >= 1 and int(run.metrics()["step"][-1]) <= step
+    run.close()
+    trainer, run = resume_run(path)
+    assert trainer.step == step
+
+
+def test_probes_and_evaluation_are_recorded_and_do_not_change_the_run(tmp_path):
+    probed, run = start_run(tiny(probe_every=3, probe_buckets=3, probe_batch=8, eval_every=6, eval_samples=32,
+                                 eval_steps=3), tmp_path / "p.h5")
+    probed.train(run, 12)
+    plain, run2 = start_run(tiny(probe_every=0, eval_every=0), tmp_path / "q.h5")
+    plain.train(run2, 12)
+    _assert_bitwise_equal(_state(probed), _state(plain))
+    run = RunFile.open(tmp_path / "p.h5")
+    m = run.metrics()
+    rows = np.isin(m["step"], [3, 6, 9, 12])
+    assert m["probe_grad_norm"].shape[1] == 3 and np.all(m["probe_grad_norm"][rows] > 0)
+    cos = m["probe_cosine"][-1].reshape(3, 3)
+    np.testing.assert_allclose(np.diag(cos), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(cos, cos.T, rtol=1e-6)
+    for key in ("noise_scale", "momentum_alignment", "grad_cos_consecutive", "wall_time"):
+        assert np.all(np.isfinite(m[key][rows])), key
+    assert np.all(np.diff(m["wall_time"][rows]) > 0)
+    layers = json.loads(run.attrs["layer_names"])
+    assert m["layer_update_to_weight"].shape[1] == len(layers) and "conv_in" in layers
+    fd_rows = np.isfinite(m["fd"])
+    assert list(m["step"][fd_rows]) == [6, 12] and np.all(m["fd"][fd_rows] > 0)
+    assert not np.any(np.isfinite(RunFile.open(tmp_path / "q.h5").metrics().get("fd", np.array([np.nan]))))
