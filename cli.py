@@ -15,7 +15,7 @@ from minidiff.config import (DEFAULT_LR, DEVICES, MODEL_NAMES, OPTIMIZER_NAMES, 
 from minidiff.data import DATASETS, DataError
 from minidiff.diffusion import PREDICTIONS, WEIGHTINGS
 from minidiff.lr_schedules import LR_SCHEDULES
-from minidiff.run_tools import sample_png, summarize
+from minidiff.run_tools import sample_png, summarize, write_latest_samples_png
 from minidiff.runs import RunFile, RunFileError
 from minidiff.schedules import SCHEDULES
 from minidiff.train import TrainingDiverged, TrainingInterrupted, resume_run, start_run
@@ -149,8 +149,14 @@ def train_command(ctx, config_file, out, overwrite, quiet, **options):
                f"with {config.optimizer} lr={config.resolved_lr:g} for {config.steps} steps on "
                f"{trainer.backend.name} -> {out}", err=True)
     _run_training(trainer, run, config.steps, quiet)
-    click.echo(f"done: {out}\n  look at samples:  minidiff sample {out} --out {out.with_suffix('.png')}\n"
-               f"  inspect the run:  minidiff inspect {out}")
+    _report_done(out)
+
+
+def _report_done(out):
+    png = write_latest_samples_png(out)
+    click.echo(f"done: {out}" + (f"\n  samples (EMA, DDIM): {png}" if png else "")
+               + f"\n  more samples:        minidiff sample {out} --n 64 --out {Path(out).stem}-grid.png"
+               + f"\n  inspect the run:     minidiff inspect {out}")
 
 
 @main.command("resume", cls=_OneLineUsageErrors)
@@ -169,7 +175,7 @@ def resume_command(run_file, steps, quiet):
         return
     click.echo(f"resuming {run_file} at step {trainer.step} -> {until}", err=True)
     _run_training(trainer, run, until, quiet)
-    click.echo(f"done: {run_file} at step {trainer.step}")
+    _report_done(run_file)
 
 
 def _run_training(trainer, run, until, quiet):

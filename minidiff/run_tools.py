@@ -107,3 +107,16 @@ def _fmt(x) -> str:
     if not math.isfinite(x):
         return str(x)
     return f"{x:.4g}"
+
+
+def write_latest_samples_png(path, out=None):
+    """Write the run's most recent stored sample grid (taken from the EMA weights during training) as a PNG beside
+    the run file; returns the PNG path, or None when the run holds no image samples."""
+    run = RunFile.open(path)
+    steps = run.sample_steps()
+    if not steps:
+        return None
+    images, _ = run.load_samples(steps[-1])
+    out = Path(out) if out else Path(path).with_suffix(".png")
+    save_image_grid(images, out)
+    return out
