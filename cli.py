@@ -10,6 +10,7 @@ import click
 
 from minidiff import __version__, optim_demo
 from minidiff.backend import BackendError
+from minidiff.compare import MissingExtra, compare_runs
 from minidiff.config import (DEFAULT_LR, DEVICES, MODEL_NAMES, OPTIMIZER_NAMES, TIMESTEP_SAMPLING, TrainConfig,
                              default_run_path, load_config_file)
 from minidiff.data import DATASETS, DataError
@@ -18,6 +19,7 @@ from minidiff.lr_schedules import LR_SCHEDULES
 from minidiff.run_tools import sample_png, summarize, write_latest_samples_png
 from minidiff.runs import RunFile, RunFileError
 from minidiff.schedules import SCHEDULES
+from minidiff.sweep import run_sweep, sweep_points
 from minidiff.train import TrainingDiverged, TrainingInterrupted, resume_run, start_run
 
 
@@ -240,6 +242,64 @@ def inspect_command(run_file):
     """Print a run's config, status, progress, last metrics and a loss sparkline."""
     with _friendly_errors():
         click.echo(summarize(run_file))
+
+
+# --- comparison and sweeps ------------------------------------------------------------------------------------------
+
+
+@main.command("compare", cls=_OneLineUsageErrors)
+@click.argument("run_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for report.md and figures/.")
+@click.option("--label", "labels", multiple=True, help="One per run file, in order. [default: the file names]")
+def compare_command(run_files, out, labels):
+    """Figures and a Markdown report comparing runs (runs differing only by seed are grouped: mean and spread)."""
+    with _friendly_errors():
+        try:
+            report = compare_runs(run_files, out, labels=list(labels) or None)
+        except MissingExtra as exc:
+            raise BadInput(str(exc)) from None
+    click.echo(f"report: {report}")
+
+
+@main.command("sweep", cls=_OneLineUsageErrors)
+@click.option("--grid", "grid_file", type=click.Path(exists=True, dir_okay=False),
+              help="JSON/TOML grid: [base] options, [axes] option = [values] (or {optimizer = [values]}), seeds = N. "
+                   "Options below override it.")
+@click.option("--optimizer", "optimizers", multiple=True, type=click.Choice(OPTIMIZER_NAMES), help="Repeat to sweep.")
+@click.option("--lr", "lrs", multiple=True, type=float, help="Repeat to sweep. [default: per optimizer]")
+@click.option("--beta1", "beta1s", multiple=True, type=float, help="Repeat to sweep (Adam family only).")
+@click.option("--momentum", "momenta", multiple=True, type=float, help="Repeat to sweep (momentum/nesterov only).")
+@click.option("--seeds", type=click.IntRange(min=1), help="Seeds 0..N-1 per point. [default: 1, or the grid's]")
+@click.option("--steps", type=click.IntRange(min=1), help="Steps per run.")
+@click.option("--dataset", help="Data set for every run.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the run files and reports.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Local processes.")
+@click.option("--scheduler", help="Dask scheduler address (tcp://host:8786): run the points on that cluster.")
+def sweep_command(grid_file, optimizers, lrs, beta1s, momenta, seeds, steps, dataset, out, workers, scheduler):
+    """Train a grid of runs (optimizers x lr x beta1/momentum x seeds), skipping finished ones; report and table."""
+    axes = {k: list(v) for k, v in (("optimizer", optimizers), ("lr", lrs), ("beta1", beta1s),
+                                    ("momentum", momenta)) if v}
+    base = {k: v for k, v in (("steps", steps), ("dataset", dataset)) if v is not None}
+    base.setdefault("device", os.environ.get("MINIDIFF_DEVICE", "cpu"))
+    with _friendly_errors():
+        try:
+            points = sweep_points(grid_file, base=base, axes=axes, seeds=seeds)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        click.echo(f"sweep: {len(points)} runs -> {out}", err=True)
+
+        def progress(done, total, r):
+            click.echo(f"[{done}/{total}] {r['name']}: {r['status']} ({r['action']}, {r['seconds']:.0f} s)"
+                       + (f" — {r['message']}" if r["status"] not in ("finished",) else ""), err=True)
+        try:
+            results = run_sweep(points, out, workers=workers, scheduler=scheduler, progress=progress)
+        except MissingExtra as exc:
+            raise BadInput(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted; run the same command again to resume", err=True)
+            sys.exit(130)
+    failed = [r for r in results if r["status"] == "error"]
+    click.echo(f"done: {out}/results.md, {out}/report.md" + (f" ({len(failed)} point(s) failed)" if failed else ""))
 
 
 @contextlib.contextmanager

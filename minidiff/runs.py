@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import h5py

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import signal
+import threading
 import time
 
 import numpy as np
@@ -209,7 +210,9 @@ class Trainer:
         def handler(signum, frame):
             stop["signal"] = signum  # finish the step in flight: a half-applied optimizer update cannot be saved
 
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Python allows handlers only in the main thread (a Dask worker thread gets no signals anyway)
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
         try:
             while self.step < until_step:
                 t0 = time.perf_counter()
@@ -227,6 +230,8 @@ class Trainer:
                     metrics.update(self.instruments.evaluate())
                 if metrics:
                     run.log(self.step, **metrics)
+                    if log_now:  # a rewrite costs ~15 ms: cheap enough that `inspect` and a crash see every log
+                        run.flush()
                 if log_now and not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
                     self._diverged(run, metrics)
                 if self.step % c.sample_every == 0 or self.step == c.steps:
