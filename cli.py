@@ -1,6 +1,7 @@
 """The `minidiff` command line: parses options and calls into the package; no logic lives here."""
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from minidiff import __version__, optim_demo
+from minidiff import __version__, bench, optim_demo
 from minidiff.backend import BackendError
 from minidiff.compare import MissingExtra, compare_runs
 from minidiff.config import (DEFAULT_LR, DEVICES, MODEL_NAMES, OPTIMIZER_NAMES, TIMESTEP_SAMPLING, TrainConfig,
@@ -95,7 +96,7 @@ def _train_options(f):
                                                      "[default: 1.0]"),
         click.option("--ema-decay", type=float, help="EMA decay of the weights used for samples. [default: 0.999]"),
         click.option("--batch-size", type=int, help="[default: 128]"),
-        click.option("--steps", type=int, help="Optimizer steps. [default: 3000]"),
+        click.option("--steps", type=int, help="Optimizer steps. [default: 1500]"),
         click.option("--seed", type=int, help="Seeds data order, init, t and noise. [default: 0]"),
         click.option("--schedule", type=click.Choice(SCHEDULES), help="Noise schedule. [default: linear]"),
         click.option("--timesteps", type=int, help="Diffusion steps T. [default: 1000]"),
@@ -108,7 +109,7 @@ def _train_options(f):
         click.option("--dtype", type=click.Choice(["float32", "float64"]), help="[default: float32]"),
         click.option("--log-every", type=int, help="Log metrics every N steps. [default: 50]"),
         click.option("--ckpt-every", type=int, help="Checkpoint every N steps. [default: 500]"),
-        click.option("--sample-every", type=int, help="Save EMA samples every N steps. [default: 1000]"),
+        click.option("--sample-every", type=int, help="Save EMA samples every N steps. [default: 500]"),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -300,6 +301,31 @@ def sweep_command(grid_file, optimizers, lrs, beta1s, momenta, seeds, steps, dat
             sys.exit(130)
     failed = [r for r in results if r["status"] == "error"]
     click.echo(f"done: {out}/results.md, {out}/report.md" + (f" ({len(failed)} point(s) failed)" if failed else ""))
+
+
+@main.command("bench", cls=_OneLineUsageErrors)
+@click.option("--config", "configs", multiple=True, type=click.Choice(list(bench.CONFIGS)),
+              help="Repeat to choose several (default: all).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--quick", is_flag=True, help="2 timed repeats after 1 warm-up.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="BLAS and torch threads (default: NumPy's BLAS setting).")
+@click.option("--no-torch", is_flag=True, help="Time ours only.")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory processes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def bench_command(configs, repeats, warmup, quick, device, threads, no_torch, no_memory, as_json):
+    """Time the UNet training step and DDIM sampling side by side with the PyTorch twin."""
+    if quick:
+        repeats, warmup = bench.QUICK["repeats"], bench.QUICK["warmup"]
+    try:
+        rows = bench.run_benchmarks(list(configs) or None, repeats=repeats, warmup=warmup, threads=threads,
+                                    with_torch=not no_torch, device=device, memory=not no_memory,
+                                    progress=lambda msg: click.echo(msg, err=True))
+    except (RuntimeError, ValueError) as exc:  # BackendError is a RuntimeError
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(rows, indent=1) if as_json else bench.format_table(rows))
 
 
 @contextlib.contextmanager

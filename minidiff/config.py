@@ -55,13 +55,13 @@ class TrainConfig:
     ema_warmup: bool = True
     # loop
     batch_size: int = 128
-    steps: int = 3000
+    steps: int = 1500
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
     log_every: int = 50
     ckpt_every: int = 500
-    sample_every: int = 1000
+    sample_every: int = 500
     sample_count: int = 64
     sample_steps: int = 25
     timestep_buckets: int = 10
@@ -70,7 +70,7 @@ class TrainConfig:
     probe_buckets: int = 5
     probe_batch: int = 64
     noise_scale_micro_batches: int = 4
-    eval_every: int = 1000
+    eval_every: int = 500
     eval_samples: int = 256
     eval_steps: int = 25
 

@@ -1,0 +1,106 @@
+"""The benchmark machinery: the FLOP counter against hand counts and PyTorch's counter, and run_benchmarks' output.
+
+No speed is asserted anywhere: timings on a shared machine are noise; these tests check that the numbers are
+computed from the right quantities and reported under the documented keys.
+"""
+
+import json
+import math
+
+import pytest
+
+from minidiff.bench import CONFIGS, BenchConfig, format_table, interleaved_times, run_benchmarks
+from minidiff.flops import attention_flops, conv2d_flops, linear_flops, unet_flops
+from minidiff.unet import UNet
+
+TINY = {"base_channels": 8, "groups": 4}
+
+
+def test_flop_counter_matches_a_hand_count_of_a_one_level_unet():
+    # N=2 images of 1x4x4, base 4 channels, temb 16, no attention, no resampling. Forward FLOPs per layer, by hand:
+    n, hw = 2, 16
+    conv3 = lambda cin, cout: 2 * n * cout * hw * cin * 9  # noqa: E731
+    res = lambda cin, cout: conv3(cin, cout) + conv3(cout, cout) + 2 * n * 16 * cout + (  # noqa: E731
+        2 * n * cout * hw * cin if cin != cout else 0)
+    fwd_needing_dx = 2 * n * 16 * 16 + 3 * res(4, 4) + 2 * res(8, 4) + conv3(4, 1)  # time_embed.2 ... out_conv
+    fwd_no_dx = 2 * n * 4 * 16 + conv3(1, 4)  # time_embed.0 (input: the embedding) and conv_in (input: the image)
+    model = UNet(in_channels=1, base_channels=4, channel_mults=(1,), num_res_blocks=1, attention_levels=(),
+                 groups=2, mid_attention=False)
+    count = unet_flops(model, n, 4, 4)
+    assert count.forward == fwd_needing_dx + fwd_no_dx == 121856
+    assert count.training == 3 * fwd_needing_dx + 2 * fwd_no_dx == 363008
+    linear = 2 * n * 4 * 16 * 2 + 2 * n * 16 * 16 * 3 + 5 * 2 * n * 16 * 4 * 3  # time_embed.0, .2, 5 temb_proj
+    assert count.by_kind() == {"linear": linear, "conv": count.training - linear}
+
+
+def test_flop_counter_counts_stride2_downsampling_and_attention_at_the_low_resolution():
+    n, c = 3, 16  # level 1 has 2 * 8 = 16 channels at 8x8 / 2 = 4x4, i.e. 16 tokens
+    model = UNet(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), num_heads=2, groups=4)
+    rows = {name: (kind, fwd, bwd) for name, kind, fwd, bwd in unet_flops(model, n, 8, 8).layers}
+    assert rows["down.0.downsample"] == ("conv", conv2d_flops(n, 8, 8, 3, 4, 4),
+                                         2 * conv2d_flops(n, 8, 8, 3, 4, 4))
+    assert rows["down.1.attn.0.attention"] == ("attention", 4 * n * 16 * 16 * c, 8 * n * 16 * 16 * c)
+    assert rows["mid.attn.attention"][1] == attention_flops(n, c, 16)
+    assert rows["up.1.upsample"][1] == conv2d_flops(n, 16, 16, 3, 8, 8)  # runs at the upsampled 8x8
+    assert rows["time_embed.0"][1:] == (linear_flops(n, 8, 32), linear_flops(n, 8, 32))
+
+
+def test_flop_counter_agrees_exactly_with_torch_flop_counter_on_the_twin(torch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minidiff.torch_twin import torch_twin
+    model = UNet(base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2), num_heads=2,
+                 groups=4)
+    twin = torch_twin(model)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    with FlopCounterMode(display=False) as fwd:
+        twin(x, t)
+    with FlopCounterMode(display=False) as step:
+        twin(x, t).square().mean().backward()
+    count = unet_flops(model, 2, 8, 8)
+    assert (count.forward, count.training) == (fwd.get_total_flops(), step.get_total_flops())
+
+
+def test_interleaved_times_alternates_order_and_drops_warmup():
+    calls = []
+    times = interleaved_times([lambda: calls.append("a"), lambda: calls.append("b")], warmup=1, repeats=3,
+                              sync=lambda: None)
+    assert calls == list("ab" "ba" "ab" "ba")
+    assert [len(t) for t in times] == [3, 3] and all(s >= 0 for t in times for s in t)
+
+
+def test_run_benchmarks_reports_documented_keys_with_sane_values_and_torch_columns(torch):
+    cfg = BenchConfig("tiny", 4, 8, TINY)
+    (row,) = run_benchmarks([cfg], repeats=2, warmup=1, threads=None, pause=0.0)
+    json.dumps(row)  # --json must be able to print it
+    assert row["name"] == "tiny" and row["batch"] == 4 and row["device"] == "cpu" and row["unit"] == "train step"
+    assert row["step_ms"] > 0 and len(row["step_ms_runs"]) == 2
+    assert math.isclose(row["images_per_s"], 4 / (row["step_ms"] / 1e3))
+    model = UNet(**TINY)
+    assert math.isclose(row["gflop_per_step"], unet_flops(model, 4, 8, 8).training / 1e9)
+    assert math.isclose(row["gflops"], row["gflop_per_step"] / (row["step_ms"] / 1e3))
+    assert 0 < row["peak_fraction"] < 1 and row["peak_gflops"] == max(row["peak_gflops_readings"]) > 0
+    assert row["torch_step_ms"] > 0 and 0 < row["torch_peak_fraction"] < 1
+    assert math.isclose(row["ratio_vs_torch"], row["step_ms"] / row["torch_step_ms"])
+    paired = sorted(a / b for a, b in zip(row["step_ms_runs"], row["torch_step_ms_runs"]))
+    assert math.isclose(row["ratio_vs_torch_paired"], (paired[0] + paired[1]) / 2)
+    assert row["peak_mem_mb"] > 0 and row["torch_peak_mem_mb"] > 0
+    assert row["threads"] == row["torch_threads"] >= 1
+    table = format_table([row])
+    assert "tiny" in table and "matmul peak" in table
+
+
+def test_run_benchmarks_without_torch_or_memory_leaves_those_columns_empty_for_sampling():
+    cfg = BenchConfig("tinyddim", 2, 8, TINY, sample_steps=2)
+    (row,) = run_benchmarks([cfg], repeats=1, warmup=0, with_torch=False, memory=False, pause=0.0)
+    assert row["unit"] == "ddim2 sampling" and row["step_ms"] > 0
+    assert math.isclose(row["gflop_per_step"], 2 * unet_flops(UNet(**TINY), 2, 8, 8).forward / 1e9)
+    for key in ("torch_step_ms", "ratio_vs_torch", "torch_peak_fraction", "peak_mem_mb", "torch_peak_mem_mb"):
+        assert row[key] is None, key
+    assert "-" in format_table([row])
+
+
+def test_unknown_configuration_name_is_refused_before_any_timing():
+    with pytest.raises(ValueError, match="choose from digits"):
+        run_benchmarks(["digits", "nope"])
+    assert set(CONFIGS) == {"digits", "16x16", "32x32", "ddim50"}
