@@ -7,6 +7,9 @@ The model interface (UNet, MLPDenoiser):
   model.backward(dout)    gradients after a forward: same keys, shapes and dtype as params
   model.config            JSON-serialisable constructor kwargs (without device): build_model(name, **config)
   model.backend, model.dtype, model.load_params(arrays)
+
+On the CPU a model may split its batch over the cores (`_forward_in_parts`): images are independent, so only the
+order in which the parts' gradients are summed depends on the thread count.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import numpy as np
 
 from .backend import Backend, get_backend, resolve_dtype
 from .layers import init_param
+from .parallel import batch_parts, cpu_workers, map_parts
+from .workspace import retain_freed_memory
 
 
 class Tape(list):
@@ -41,6 +46,8 @@ class Denoiser:
         self.config = dict(config, dtype=np.dtype(resolve_dtype(dtype)).name, seed=int(seed))
         self.dtype = resolve_dtype(dtype)
         self.backend = device if isinstance(device, Backend) else get_backend(device)
+        if self.backend.name != "cupy":
+            retain_freed_memory()  # a CPU step reallocates what the last one freed: keep it (see minidiff.workspace)
         self.params = {}
         self._tape = None
 
@@ -58,6 +65,36 @@ class Denoiser:
             return x, NoTape()  # an earlier forward's tape stays, so its backward can still run
         self._tape = Tape()
         return x, self._tape
+
+    # Images are independent in these models (no batch statistics): a forward over a batch is the forwards over its
+    # parts, and the parameter gradient is the sum of the parts' gradients. On the CPU the parts run on the cores,
+    # each single-threaded (minidiff.parallel); on a GPU, or with one BLAS thread, there is one part.
+    def _forward_in_parts(self, x, t, cache, forward_images):
+        """forward_images(x_part, t_part, tape_part) -> output part, over parts of the batch; the outputs joined."""
+        xp = self.backend.xp
+        x, tape = self._start(x, cache)
+        parts = batch_parts(x.shape[0], cpu_workers(xp))
+        tapes = [Tape() if cache else NoTape() for _ in parts]
+        outs = map_parts(lambda k: forward_images(x[parts[k][0]:parts[k][1]], t[parts[k][0]:parts[k][1]], tapes[k]),
+                         range(len(parts)), xp)
+        tape.append((parts, tapes))
+        return outs[0] if len(outs) == 1 else xp.concatenate(outs, axis=0)
+
+    def _backward_in_parts(self, dout, backward_images):
+        """backward_images(dout_part, tape_part) -> {name: gradient} per part, summed in part order."""
+        parts, tapes = self._tape_for_backward().pop()
+
+        def part(k):
+            grads = backward_images(dout[parts[k][0]:parts[k][1]], tapes[k])
+            if tapes[k]:
+                raise RuntimeError(f"backward left {len(tapes[k])} caches unused: the tape is out of step")
+            return grads
+
+        grads = map_parts(part, range(len(parts)), self.backend.xp)
+        for other in grads[1:]:
+            for name, g in other.items():
+                grads[0][name] += g
+        return self._finish_backward(grads[0])
 
     def _finish_backward(self, grads):
         """Check the tape was consumed and return the gradients in parameter order."""

@@ -3,7 +3,8 @@
 `<name>_forward(...) -> (out, cache)` and `<name>_backward(dout, cache) -> (dx, grads)`, where `grads` is a dict keyed
 like PyTorch's parameter names ("weight", "bias"; empty for layers without parameters). Backward functions never write
 into `dout` (a module may hand the same gradient to two branches); they may return views of arrays they allocated.
-Layouts follow PyTorch: activations NCHW, conv weights OIHW, linear weights (out, in).
+Layouts follow PyTorch -- activations NCHW, conv weights OIHW, linear weights (out, in) -- except the `_nhwc` layers:
+the UNet computes channels-last (N, H, W, C), where a convolution needs no transposes (minidiff.conv, minidiff.norm).
 
 Also here: the sinusoidal timestep embedding (host side, no gradient: t is an integer) and the parameter specs that
 models use to initialise weights the way PyTorch does.
@@ -16,70 +17,28 @@ import math
 import numpy as np
 
 from .backend import get_array_module
+from .conv import conv2d_nhwc_backward, conv2d_nhwc_forward
+from .norm import group_norm_nhwc_backward, group_norm_nhwc_forward
 
 
-# --- Conv2d -----------------------------------------------------------------------------------------------------
+# --- Conv2d (NCHW) -------------------------------------------------------------------------------------------------
+# The convolution itself is channels-last (minidiff.conv: im2col + GEMM, the layout the UNet computes in); these
+# NCHW forms transpose at the edges, for callers that hold NCHW arrays (the classifier, tests against PyTorch).
 
 def conv2d_forward(x, w, b=None, stride=1, padding=0):
-    """Cross-correlation as in torch.nn.functional.conv2d, through one matrix product (im2col).
+    """torch.nn.functional.conv2d: x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> out (N, O, Ho, Wo), cache.
 
-    x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> out (N, O, Ho, Wo), Ho = (H + 2 ph - kh) // stride + 1;
-    padding is an int or (ph, pw), zeros.
-    The column matrix has rows (n, ho, wo) and columns (i, j, c), so out = cols @ w2^T with w2 = w in (O, kh, kw, C)
-    order is a single GEMM. It is built channels-last, by one strided slice copy per kernel offset (kh*kw copies,
-    never a loop over pixels or images), so every copy moves runs of C contiguous values rather than runs of Wo.
+    Ho = (H + 2 ph - kh) // stride + 1; padding an int or (ph, pw), zeros. See `conv2d_nhwc_forward`.
     """
     xp = get_array_module(x)
-    N, C, H, W = x.shape
-    O, _, kh, kw = w.shape
-    ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    Ho, Wo = (H + 2 * ph - kh) // stride + 1, (W + 2 * pw - kw) // stride + 1
-    xpad = (xp.zeros if ph or pw else xp.empty)((N, H + 2 * ph, W + 2 * pw, C), dtype=x.dtype)
-    xpad[:, ph:ph + H, pw:pw + W] = x.transpose(0, 2, 3, 1)
-    if kh == kw == 1 and stride == 1 and ph == pw == 0:
-        cols = xpad.reshape(N * H * W, C)
-    else:
-        cols = xp.empty((N, Ho, Wo, kh, kw, C), dtype=x.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                cols[:, :, :, i, j] = xpad[:, i:i + stride * Ho:stride, j:j + stride * Wo:stride]
-        cols = cols.reshape(N * Ho * Wo, kh * kw * C)
-    w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)
-    out = xp.matmul(cols, w2.T)
-    if b is not None:
-        out += b
-    out = xp.ascontiguousarray(out.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2))
-    return out, (x.shape, w.shape, w2, b is not None, stride, (ph, pw), cols)
+    out, cache = conv2d_nhwc_forward(xp.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, b, stride, padding)
+    return xp.ascontiguousarray(out.transpose(0, 3, 1, 2)), cache
 
 
-# out2 = cols @ w2^T with out2 = dout as (N*Ho*Wo, O): dw2 = dout2^T @ cols (the forward's cols reused), db = column
-# sums. dx: for stride 1 it is the "full" convolution of dout (padded by k - 1 - p) with the kernel flipped in space
-# and transposed to (C, O, kh, kw) -- one more im2col + GEMM, cheaper than scattering. Otherwise dcols = dout2 @ w2
-# and col2im adds each kernel offset's slice back onto the input pixels it was copied from, then cuts the padding.
 def conv2d_backward(dout, cache):
     """dout (N, O, Ho, Wo) -> dx (N, C, H, W), {"weight": (O, C, kh, kw), "bias": (O,)}."""
-    (N, C, H, W), w_shape, w2, has_bias, stride, (ph, pw), cols = cache
     xp = get_array_module(dout)
-    O, _, kh, kw = w_shape
-    Ho, Wo = dout.shape[2], dout.shape[3]
-    dout2 = xp.ascontiguousarray(dout.transpose(0, 2, 3, 1)).reshape(N * Ho * Wo, O)
-    dw2 = xp.matmul(dout2.T, cols)
-    grads = {"weight": xp.ascontiguousarray(dw2.reshape(O, kh, kw, C).transpose(0, 3, 1, 2))}
-    if has_bias:
-        grads["bias"] = dout2.sum(axis=0)
-    if stride == 1 and (kh > 1 or kw > 1 or ph or pw) and ph < kh and pw < kw:
-        w_flip = xp.ascontiguousarray(w2.reshape(O, kh, kw, C)[:, ::-1, ::-1].transpose(3, 0, 1, 2))
-        return conv2d_forward(dout, w_flip, None, 1, (kh - 1 - ph, kw - 1 - pw))[0], grads
-    dcols = xp.matmul(dout2, w2)
-    if kh == kw == 1 and stride == 1 and ph == pw == 0:
-        dx = dcols.reshape(N, H, W, C)
-    else:
-        dcols = dcols.reshape(N, Ho, Wo, kh, kw, C)
-        dxpad = xp.zeros((N, H + 2 * ph, W + 2 * pw, C), dtype=dout.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                dxpad[:, i:i + stride * Ho:stride, j:j + stride * Wo:stride] += dcols[:, :, :, i, j]
-        dx = dxpad[:, ph:ph + H, pw:pw + W]
+    dx, grads = conv2d_nhwc_backward(xp.ascontiguousarray(dout.transpose(0, 2, 3, 1)), cache)
     return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2)), grads
 
 
@@ -103,47 +62,25 @@ def linear_backward(dout, cache):
     return dout @ w, grads
 
 
-# --- GroupNorm --------------------------------------------------------------------------------------------------
+# --- GroupNorm (NCHW) ----------------------------------------------------------------------------------------------
 
 def group_norm_forward(x, gamma, beta, groups, eps=1e-5):
-    """torch.nn.GroupNorm: x (N, C, *spatial), gamma/beta (C,) -> out like x.
+    """torch.nn.GroupNorm: x (N, C, *spatial), gamma/beta (C,) -> out like x, cache.
 
     Each (image, group of C/groups channels) is normalised by its own mean and biased variance, then scaled and
-    shifted per channel: out = x_hat * gamma + beta, x_hat = (x - mean) / sqrt(var + eps).
+    shifted per channel: out = x_hat * gamma + beta, x_hat = (x - mean) / sqrt(var + eps). Computed channels-last by
+    `minidiff.norm.group_norm_nhwc_forward` (the layout the UNet uses); this form moves the channel axis at the edges.
     """
     xp = get_array_module(x)
-    N, C = x.shape[0], x.shape[1]
-    xg = x.reshape(N, groups, -1)
-    mean = xg.mean(axis=2, keepdims=True)
-    x_hat = xg - mean
-    var = xp.mean(x_hat * x_hat, axis=2, keepdims=True)
-    inv_std = 1.0 / xp.sqrt(var + eps)
-    x_hat *= inv_std
-    x_hat = x_hat.reshape(N, C, -1)
-    out = x_hat * gamma[:, None]
-    out += beta[:, None]
-    return out.reshape(x.shape), (x_hat, inv_std, gamma, groups)
+    out, cache = group_norm_nhwc_forward(xp.ascontiguousarray(xp.moveaxis(x, 1, -1)), gamma, beta, groups, eps)
+    return xp.ascontiguousarray(xp.moveaxis(out, -1, 1)), cache
 
 
-# With g = dout * gamma and M elements per group: dx = inv_std * (g - mean_grp(g) - x_hat * mean_grp(g * x_hat)).
-# Both group means are formed from the per-channel sums sum_s dout and sum_s dout * x_hat, which are also dbeta and
-# dgamma, so g * x_hat is never formed at full size.
 def group_norm_backward(dout, cache):
     """dout (N, C, *spatial) -> dx like dout, {"weight": dgamma (C,), "bias": dbeta (C,)}."""
-    x_hat, inv_std, gamma, groups = cache
-    N, C, S = x_hat.shape
-    d = dout.reshape(N, C, S)
-    sum_d = d.sum(axis=2)                    # (N, C)
-    sum_dx = (d * x_hat).sum(axis=2)         # (N, C)
-    M = (C // groups) * S
-    mean_g = (sum_d * gamma).reshape(N, groups, -1).sum(axis=2) / M       # (N, G)
-    mean_gx = (sum_dx * gamma).reshape(N, groups, -1).sum(axis=2) / M     # (N, G)
-    dx = d * gamma[:, None]
-    dx = dx.reshape(N, groups, -1)
-    dx -= mean_g[:, :, None]
-    dx -= x_hat.reshape(N, groups, -1) * mean_gx[:, :, None]
-    dx *= inv_std
-    return dx.reshape(dout.shape), {"weight": sum_dx.sum(axis=0), "bias": sum_d.sum(axis=0)}
+    xp = get_array_module(dout)
+    dx, grads = group_norm_nhwc_backward(xp.ascontiguousarray(xp.moveaxis(dout, 1, -1)), cache)
+    return xp.ascontiguousarray(xp.moveaxis(dx, -1, 1)), grads
 
 
 # --- SiLU -------------------------------------------------------------------------------------------------------
@@ -187,17 +124,41 @@ def upsample2x_backward(dout, cache):
     return dout.reshape(N, C, H, 2, W, 2).sum(axis=(3, 5)), {}
 
 
-def concat_forward(a, b):
-    """Concatenate along channels (a UNet skip): a (N, Ca, ...), b (N, Cb, ...) -> (N, Ca + Cb, ...)."""
+def upsample2x_nhwc_forward(x):
+    """Nearest 2x upsampling, channels-last: (N, H, W, C) -> (N, 2H, 2W, C)."""
+    xp = get_array_module(x)
+    N, H, W, C = x.shape
+    out = xp.empty((N, H, 2, W, 2, C), dtype=x.dtype)
+    out[...] = x[:, :, None, :, None, :]
+    return out.reshape(N, 2 * H, 2 * W, C), x.shape
+
+
+def upsample2x_nhwc_backward(dout, cache):
+    """dout (N, 2H, 2W, C) -> dx (N, H, W, C) = the sum over each 2x2 block, as three adds of strided views (NumPy
+    reduces over two strided axes far more slowly), {}."""
+    N, H, W, C = cache
+    d = dout.reshape(N, H, 2, W, 2, C)
+    dx = d[:, :, 0, :, 0] + d[:, :, 0, :, 1]
+    dx += d[:, :, 1, :, 0]
+    dx += d[:, :, 1, :, 1]
+    return dx, {}
+
+
+def concat_forward(a, b, axis=1):
+    """Concatenate along the channel axis (a UNet skip): axis 1 for NCHW, -1 for channels-last."""
     xp = get_array_module(a, b)
-    return xp.concatenate((a, b), axis=1), a.shape[1]
+    return xp.concatenate((a, b), axis=axis), (a.shape[axis], axis)
 
 
 # Concatenation routes values unchanged, so the gradient is split back at the same channel.
 def concat_backward(dout, cache):
-    """dout (N, Ca + Cb, ...) -> (da, db) (views of dout), {}."""
-    ca = cache
-    return (dout[:, :ca], dout[:, ca:]), {}
+    """dout (..., Ca + Cb, ...) -> (da, db) (views of dout), {}."""
+    ca, axis = cache
+    index = [slice(None)] * dout.ndim
+    index[axis] = slice(None, ca)
+    da = dout[tuple(index)]
+    index[axis] = slice(ca, None)
+    return (da, dout[tuple(index)]), {}
 
 
 # --- timestep embedding ------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ and a stride-2 3x3 conv except at the last level; every output on the way down i
 AttnBlock (`mid_attention`), ResBlock. Up path: per level `num_res_blocks + 1` ResBlocks, each on the channel
 concatenation of the running features and one skip (last in, first out), nearest 2x + 3x3 conv between levels.
 Output: GroupNorm -> SiLU -> 3x3 conv, initialised to zero as in DDPM.
+
+The modules compute channels-last, (N, H, W, C): the UNet transposes its NCHW input and output once, at its edges,
+and every GroupNorm -> SiLU pair is one fused layer (`minidiff.norm`). Parameters keep PyTorch's names and layouts.
+On a multi-core CPU the batch is split into one part per core, each part's forward and backward run side by side
+(`Denoiser._forward_in_parts`, minidiff.parallel), and the parts' gradients are summed.
 """
 
 from __future__ import annotations
@@ -13,15 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .attention import AttnBlock
+from .conv import conv2d_nhwc_backward, conv2d_nhwc_forward
 from .denoiser import Denoiser, add_grads
-from .layers import (concat_backward, concat_forward, conv2d_backward, conv2d_forward, conv2d_params,
-                     group_norm_backward, group_norm_forward, group_norm_params, linear_backward, linear_forward,
-                     linear_params, named_specs, silu_backward, silu_forward, timestep_embedding, upsample2x_backward,
-                     upsample2x_forward)
+from .layers import (concat_backward, concat_forward, conv2d_params, group_norm_params, linear_backward,
+                     linear_forward, linear_params, named_specs, silu_backward, silu_forward, timestep_embedding,
+                     upsample2x_nhwc_backward, upsample2x_nhwc_forward)
+from .norm import channel_sums, group_norm_nhwc_backward, group_norm_nhwc_forward
 
 
 class Conv:
-    """A Conv2d as a module: parameters `name.weight` (O, C, k, k) and `name.bias` (O,)."""
+    """A Conv2d as a module, channels-last: parameters `name.weight` (O, C, k, k) and `name.bias` (O,)."""
 
     def __init__(self, name, cin, cout, k=3, stride=1, padding=1, zero=False):
         self.name, self.stride, self.padding = name, stride, padding
@@ -31,36 +37,37 @@ class Conv:
         return named_specs(self.name, self.spec)
 
     def forward(self, p, x, tape):
-        out, cache = conv2d_forward(x, p[f"{self.name}.weight"], p[f"{self.name}.bias"], self.stride, self.padding)
+        out, cache = conv2d_nhwc_forward(x, p[f"{self.name}.weight"], p[f"{self.name}.bias"], self.stride,
+                                         self.padding)
         tape.append(cache)
         return out
 
-    def backward(self, dout, grads, tape):
-        dx, g = conv2d_backward(dout, tape.pop())
+    def backward(self, dout, grads, tape, input_grad=True):
+        dx, g = conv2d_nhwc_backward(dout, tape.pop(), input_grad)
         add_grads(grads, self.name, g)
         return dx
 
 
 class Upsample(Conv):
-    """Nearest 2x upsampling, then a 3x3 conv (`name.weight`, `name.bias`): (N, C, H, W) -> (N, C, 2H, 2W)."""
+    """Nearest 2x upsampling, then a 3x3 conv (`name.weight`, `name.bias`): (N, H, W, C) -> (N, 2H, 2W, C)."""
 
     def __init__(self, name, channels):
         super().__init__(name, channels, channels)
 
     def forward(self, p, x, tape):
-        up, cache = upsample2x_forward(x)
+        up, cache = upsample2x_nhwc_forward(x)
         tape.append(cache)
         return super().forward(p, up, tape)
 
     def backward(self, dout, grads, tape):
         dup = super().backward(dout, grads, tape)
-        return upsample2x_backward(dup, tape.pop())[0]
+        return upsample2x_nhwc_backward(dup, tape.pop())[0]
 
 
 class ResBlock:
     """GN -> SiLU -> conv3x3 -> + temb_proj(temb_act) -> GN -> SiLU -> conv3x3, plus x (1x1 `skip` conv if cin != cout).
 
-    x (N, cin, H, W), temb_act (N, temb_dim) = SiLU(temb) -> (N, cout, H, W).
+    Channels-last: x (N, H, W, cin), temb_act (N, temb_dim) = SiLU(temb) -> (N, H, W, cout).
     """
 
     def __init__(self, name, cin, cout, temb_dim, groups):
@@ -76,41 +83,39 @@ class ResBlock:
 
     def forward(self, p, x, temb_act, tape):
         n = self.name
-        h, c_n1 = group_norm_forward(x, p[f"{n}.norm1.weight"], p[f"{n}.norm1.bias"], self.groups)
-        h, c_s1 = silu_forward(h)
-        h, c_c1 = conv2d_forward(h, p[f"{n}.conv1.weight"], p[f"{n}.conv1.bias"], 1, 1)
+        h, c_n1 = group_norm_nhwc_forward(x, p[f"{n}.norm1.weight"], p[f"{n}.norm1.bias"], self.groups, silu=True)
+        h, c_c1 = conv2d_nhwc_forward(h, p[f"{n}.conv1.weight"], None, 1, 1)
         e, c_t = linear_forward(temb_act, p[f"{n}.temb_proj.weight"], p[f"{n}.temb_proj.bias"])
-        h += e[:, :, None, None]
-        h, c_n2 = group_norm_forward(h, p[f"{n}.norm2.weight"], p[f"{n}.norm2.bias"], self.groups)
-        h, c_s2 = silu_forward(h)
-        h, c_c2 = conv2d_forward(h, p[f"{n}.conv2.weight"], p[f"{n}.conv2.bias"], 1, 1)
+        h += (e + p[f"{n}.conv1.bias"])[:, None, None, :]   # conv1's bias and the timestep, in one pass
+        h, c_n2 = group_norm_nhwc_forward(h, p[f"{n}.norm2.weight"], p[f"{n}.norm2.bias"], self.groups, silu=True)
+        h, c_c2 = conv2d_nhwc_forward(h, p[f"{n}.conv2.weight"], p[f"{n}.conv2.bias"], 1, 1)
         c_skip = None
         if self.has_skip:
-            s, c_skip = conv2d_forward(x, p[f"{n}.skip.weight"], p[f"{n}.skip.bias"])
+            s, c_skip = conv2d_nhwc_forward(x, p[f"{n}.skip.weight"], p[f"{n}.skip.bias"])
             h += s
         else:
             h += x
-        tape.append((c_n1, c_s1, c_c1, c_t, c_n2, c_s2, c_c2, c_skip))
+        tape.append((c_n1, c_c1, c_t, c_n2, c_c2, c_skip))
         return h
 
     def backward(self, dout, grads, tape):
-        """dout (N, cout, H, W) -> (dx (N, cin, H, W), dtemb_act (N, temb_dim)); parameter gradients into `grads`."""
-        c_n1, c_s1, c_c1, c_t, c_n2, c_s2, c_c2, c_skip = tape.pop()
+        """dout (N, H, W, cout) -> (dx (N, H, W, cin), dtemb_act (N, temb_dim)); parameter gradients into `grads`."""
+        c_n1, c_c1, c_t, c_n2, c_c2, c_skip = tape.pop()
         n = self.name
-        dh, g = conv2d_backward(dout, c_c2)
+        dh, g = conv2d_nhwc_backward(dout, c_c2)
         add_grads(grads, f"{n}.conv2", g)
-        dh, _ = silu_backward(dh, c_s2)
-        dh, g = group_norm_backward(dh, c_n2)
+        dh, g = group_norm_nhwc_backward(dh, c_n2)
         add_grads(grads, f"{n}.norm2", g)
-        dtemb, g = linear_backward(dh.sum(axis=(2, 3)), c_t)  # temb was broadcast over H, W
+        N, H, W, C = dh.shape
+        de = channel_sums(dh.reshape(N, H * W, C))           # temb and conv1's bias were broadcast over H, W
+        dtemb, g = linear_backward(de, c_t)
         add_grads(grads, f"{n}.temb_proj", g)
-        dh, g = conv2d_backward(dh, c_c1)
-        add_grads(grads, f"{n}.conv1", g)
-        dh, _ = silu_backward(dh, c_s1)
-        dx, g = group_norm_backward(dh, c_n1)
+        dh, g = conv2d_nhwc_backward(dh, c_c1)
+        add_grads(grads, f"{n}.conv1", {**g, "bias": de.sum(axis=0)})
+        dx, g = group_norm_nhwc_backward(dh, c_n1)
         add_grads(grads, f"{n}.norm1", g)
         if self.has_skip:
-            dskip, g = conv2d_backward(dout, c_skip)
+            dskip, g = conv2d_nhwc_backward(dout, c_skip)
             add_grads(grads, f"{n}.skip", g)
             dx += dskip
         else:
@@ -199,10 +204,12 @@ class UNet(Denoiser):
     def forward(self, x, t, cache=True):
         """x (N, in_channels, H, W) backend array, t host int array (N,) -> prediction (N, in_channels, H, W)."""
         self._check_input(x, t)
-        x, tape = self._start(x, cache)
-        p = self.params
+        return self._forward_in_parts(x, t, cache, self._forward_images)
+
+    def _forward_images(self, x, t, tape):
+        xp, p = self.backend.xp, self.params
         temb_act = self._time_forward(t, tape)
-        hs = [self.conv_in.forward(p, x, tape)]
+        hs = [self.conv_in.forward(p, xp.ascontiguousarray(x.transpose(0, 2, 3, 1)), tape)]   # channels-last
         for lvl in self.down:
             for res, attn in zip(lvl.res, lvl.attn):
                 h = res.forward(p, hs[-1], temb_act, tape)
@@ -215,19 +222,22 @@ class UNet(Denoiser):
         h = res2.forward(p, h, temb_act, tape)
         for lvl in reversed(self.up):
             for res, attn in zip(lvl.res, lvl.attn):
-                h, c = concat_forward(h, hs.pop())
+                h, c = concat_forward(h, hs.pop(), axis=-1)
                 tape.append(c)
                 h = res.forward(p, h, temb_act, tape)
                 h = attn.forward(p, h, tape) if attn else h
             if lvl.resample:
                 h = lvl.resample.forward(p, h, tape)
-        return self._out_forward(h, tape)
+        return xp.ascontiguousarray(self._out_forward(h, tape).transpose(0, 3, 1, 2))
 
     def backward(self, dout):
         """dout (N, in_channels, H, W) = dLoss/dprediction -> {name: dLoss/dparam} for every parameter."""
-        tape, grads = self._tape_for_backward(), {}
+        return self._backward_in_parts(dout, self._backward_images)
+
+    def _backward_images(self, dout, tape):
+        grads, xp = {}, self.backend.xp
         dtemb = 0.0
-        dh = self._out_backward(dout, grads, tape)
+        dh = self._out_backward(xp.ascontiguousarray(dout.transpose(0, 2, 3, 1)), grads, tape)   # channels-last
         dskips = []  # filled in the order the skips were made on the way down
         for lvl in self.up:
             if lvl.resample:
@@ -237,6 +247,7 @@ class UNet(Denoiser):
                 dh, dt = res.backward(dh, grads, tape)
                 dtemb = dtemb + dt
                 (dh, dskip), _ = concat_backward(dh, tape.pop())
+                dh = xp.ascontiguousarray(dh)  # a channel slice: made contiguous once, not in every consumer
                 dskips.append(dskip)
         res1, attn, res2 = self.mid
         dh, dt = res2.backward(dh, grads, tape)
@@ -251,9 +262,9 @@ class UNet(Denoiser):
                 dh = attn.backward(dh, grads, tape) if attn else dh
                 dh, dt = res.backward(dh, grads, tape)
                 dtemb = dtemb + dt
-        self.conv_in.backward(dh + dskips.pop(), grads, tape)
+        self.conv_in.backward(dh + dskips.pop(), grads, tape, input_grad=False)   # the image needs no gradient
         self._time_backward(dtemb, grads, tape)
-        return self._finish_backward(grads)
+        return grads
 
     def _check_input(self, x, t):
         f = 2 ** (self.num_levels - 1)
@@ -284,17 +295,15 @@ class UNet(Denoiser):
 
     def _out_forward(self, h, tape):
         p = self.params
-        h, c0 = group_norm_forward(h, p["out_norm.weight"], p["out_norm.bias"], self.out_groups)
-        h, c1 = silu_forward(h)
-        h, c2 = conv2d_forward(h, p["out_conv.weight"], p["out_conv.bias"], 1, 1)
-        tape.append((c0, c1, c2))
+        h, c0 = group_norm_nhwc_forward(h, p["out_norm.weight"], p["out_norm.bias"], self.out_groups, silu=True)
+        h, c1 = conv2d_nhwc_forward(h, p["out_conv.weight"], p["out_conv.bias"], 1, 1)
+        tape.append((c0, c1))
         return h
 
     def _out_backward(self, dout, grads, tape):
-        c0, c1, c2 = tape.pop()
-        dh, g = conv2d_backward(dout, c2)
+        c0, c1 = tape.pop()
+        dh, g = conv2d_nhwc_backward(dout, c1)
         add_grads(grads, "out_conv", g)
-        dh, _ = silu_backward(dh, c1)
-        dh, g = group_norm_backward(dh, c0)
+        dh, g = group_norm_nhwc_backward(dh, c0)
         add_grads(grads, "out_norm", g)
         return dh

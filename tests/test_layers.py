@@ -144,7 +144,7 @@ def test_softmax_gradient_matches_finite_differences(backend, rng):
     check_gradients(backend, softmax_forward, softmax_backward, {"s": 2 * randn(rng, 2, 3, 5)}, {"s": "dx"})
 
 
-@pytest.mark.parametrize("shape,heads", [((2, 12, 3, 3), 2), ((1, 6, 2, 3), 1), ((2, 12, 1, 2), 4)])
+@pytest.mark.parametrize("shape,heads", [((2, 3, 3, 12), 2), ((1, 2, 3, 6), 1), ((2, 1, 2, 12), 4)])  # (N, H, W, 3C)
 def test_attention_gradient_matches_finite_differences(backend, shape, heads):
     qkv = randn(np.random.default_rng(heads), *shape)
     check_gradients(backend, attention_forward, attention_backward, {"qkv": qkv}, {"qkv": "dx"}, num_heads=heads)
@@ -180,11 +180,11 @@ def test_group_norm_silu_upsample_linear_forwards_match_torch(cpu_backend, torch
 
 def test_attention_forward_matches_torch_scaled_dot_product(cpu_backend, torch, rng):
     N, C, heads, Hh, W = 2, 8, 2, 3, 2
-    qkv = randn(rng, N, 3 * C, Hh, W)
+    qkv = randn(rng, N, Hh, W, 3 * C)   # channels-last, channel blocks [q | k | v], each heads x d
     out, _ = attention_forward(cpu_backend.asarray(qkv), heads)
-    q, k, v = (torch.from_numpy(qkv).reshape(N, 3, heads, C // heads, Hh * W)[:, i].transpose(-1, -2) for i in range(3))
+    q, k, v = (torch.from_numpy(qkv).reshape(N, Hh * W, 3, heads, C // heads)[:, :, i].transpose(1, 2) for i in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)      # (N, heads, L, d)
-    _close(out, ref.transpose(-1, -2).reshape(N, C, Hh, W))
+    _close(out, ref.transpose(1, 2).reshape(N, Hh, W, C))
 
 
 # --- timestep embedding and initialisation --------------------------------------------------------------------------

@@ -92,14 +92,14 @@ def _module_fd(module, backend, x_shape, extra_shape=None, seed=0):
 
 def test_resblock_gradients_match_finite_differences(backend):
     block = ResBlock("r", cin=2, cout=4, temb_dim=3, groups=2)   # with the 1x1 skip conv
-    for name, (analytic, numeric) in _module_fd(block, backend, (2, 2, 3, 3), extra_shape=(2, 3)).items():
+    for name, (analytic, numeric) in _module_fd(block, backend, (2, 3, 3, 2), extra_shape=(2, 3)).items():  # NHWC
         assert rel_error(analytic, numeric) <= 1e-6, name
 
 
 def test_attnblock_gradients_match_finite_differences(backend):
     C = 4
     block = AttnBlock("a", C, groups=2, num_heads=2)
-    for name, (analytic, numeric) in _module_fd(block, backend, (2, C, 2, 3)).items():
+    for name, (analytic, numeric) in _module_fd(block, backend, (2, 2, 3, C)).items():   # channels-last
         if name == "a.qkv.bias":
             # A key bias adds q_i . b to a whole softmax row, which softmax ignores: its true gradient is zero, where a
             # relative error only compares round-off. Check it is zero; compare the query and value biases.

@@ -1,0 +1,153 @@
+"""The channels-last kernels the UNet runs on (minidiff.conv, minidiff.norm) and the CPU parallelism above them.
+
+Each kernel is checked like every layer in test_layers: backward against central finite differences in float64 on
+every backend (NumPy, strict, CuPy where present), forward against PyTorch. The chunked paths are forced with a tiny
+chunk size, so the small test shapes go through several chunks too.
+"""
+
+import numpy as np
+import pytest
+
+from minidiff import conv, norm, parallel
+from minidiff import layers as L
+from minidiff.backend import to_numpy
+from test_layers import check_gradients, randn
+
+NHWC_CONV_CASES = [  # N, H, W, C, O, (kh, kw), stride, padding
+    (3, 5, 4, 2, 3, (3, 3), 1, 1),        # the UNet's 3x3 "same" conv, odd sizes, several chunks
+    (2, 6, 7, 3, 2, (3, 3), 2, 1),        # stride 2 (the downsampler): col2im input gradient
+    (3, 3, 4, 4, 5, (1, 1), 1, 0),        # 1x1 (skip, qkv and proj)
+    (2, 4, 5, 2, 3, (3, 2), 1, (1, 0)),   # non-square kernel, per-axis padding
+    (2, 3, 3, 2, 2, (1, 1), 1, 1),        # padding wider than the kernel: col2im
+]
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """One image per conv chunk: the chunk loops (scratch reuse, weight gradients summed over chunks) on test sizes."""
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
+
+
+def _nhwc_to_nchw(a):
+    return np.ascontiguousarray(np.moveaxis(a, -1, 1))
+
+
+@pytest.mark.parametrize("case", NHWC_CONV_CASES)
+def test_conv2d_nhwc_gradients_match_finite_differences(backend, tiny_chunks, case):
+    N, H, W, C, O, (kh, kw), stride, padding = case
+    rng = np.random.default_rng(N * H + W)
+    inputs = {"x": randn(rng, N, H, W, C), "w": randn(rng, O, C, kh, kw), "b": randn(rng, O)}
+    check_gradients(backend, conv.conv2d_nhwc_forward, conv.conv2d_nhwc_backward, inputs,
+                    {"x": "dx", "w": "weight", "b": "bias"}, stride=stride, padding=padding)
+
+
+def test_conv2d_nhwc_weight_gradient_without_input_gradient(cpu_backend, tiny_chunks, rng):
+    """input_grad=False (the image into conv_in) takes the im2col-of-x path; its weight gradient must not change."""
+    x, w, b = (cpu_backend.asarray(a) for a in (randn(rng, 3, 4, 4, 2), randn(rng, 3, 2, 3, 3), randn(rng, 3)))
+    out, cache = conv.conv2d_nhwc_forward(x, w, b, 1, 1)
+    dout = cpu_backend.asarray(randn(rng, *out.shape))
+    dx_none, g_fast = conv.conv2d_nhwc_backward(dout, cache, input_grad=False)
+    _, g_full = conv.conv2d_nhwc_backward(dout, cache)
+    assert dx_none is None
+    np.testing.assert_allclose(to_numpy(g_fast["weight"]), to_numpy(g_full["weight"]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", NHWC_CONV_CASES)
+def test_conv2d_nhwc_forward_matches_torch(cpu_backend, torch, tiny_chunks, case):
+    N, H, W, C, O, (kh, kw), stride, padding = case
+    rng = np.random.default_rng(3)
+    x, w, b = randn(rng, N, H, W, C), randn(rng, O, C, kh, kw), randn(rng, O)
+    out, _ = conv.conv2d_nhwc_forward(*(cpu_backend.asarray(a) for a in (x, w, b)), stride=stride, padding=padding)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(_nhwc_to_nchw(x)), torch.from_numpy(w), torch.from_numpy(b),
+                                     stride=stride, padding=padding)
+    np.testing.assert_allclose(_nhwc_to_nchw(to_numpy(out)), ref.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("shape,groups", [((2, 3, 4, 6), 2), ((3, 2, 2, 4), 4), ((2, 5, 4), 1)])
+def test_group_norm_nhwc_gradients_match_finite_differences(backend, tiny_chunks, shape, groups, silu):
+    rng = np.random.default_rng(len(shape) + groups)
+    C = shape[-1]
+    inputs = {"x": 3 * randn(rng, *shape) + 1, "gamma": randn(rng, C), "beta": randn(rng, C)}
+    check_gradients(backend, norm.group_norm_nhwc_forward, norm.group_norm_nhwc_backward, inputs,
+                    {"x": "dx", "gamma": "weight", "beta": "bias"}, groups=groups, silu=silu)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_nhwc_forward_matches_torch(cpu_backend, torch, tiny_chunks, silu):
+    rng = np.random.default_rng(4)
+    x, g, b = 3 * randn(rng, 3, 4, 5, 6) + 2, randn(rng, 6), randn(rng, 6)
+    out, _ = norm.group_norm_nhwc_forward(*(cpu_backend.asarray(a) for a in (x, g, b)), 3, silu=silu)
+    F = torch.nn.functional
+    ref = F.group_norm(torch.from_numpy(_nhwc_to_nchw(x)), 3, torch.from_numpy(g), torch.from_numpy(b), eps=1e-5)
+    ref = F.silu(ref) if silu else ref
+    np.testing.assert_allclose(_nhwc_to_nchw(to_numpy(out)), ref.numpy(), rtol=0, atol=1e-12)
+
+
+def test_group_norm_silu_float32_saturates_without_overflow(cpu_backend):
+    """Huge pre-activations h = +-1e4: SiLU's tails come out as 0 and h, the SiLU gradients as 0 and 1, no warnings."""
+    x = cpu_backend.asarray(np.array([[[-3.0, 3.0]]]), dtype=np.float32)          # (1, 1, 2): x_hat = -1, +1
+    g, b = (cpu_backend.asarray(np.array(v), dtype=np.float32) for v in ([1e4, 1e4], [0.0, 0.0]))
+    with np.errstate(all="raise"):
+        out, cache = norm.group_norm_nhwc_forward(x, g, b, 1, silu=True)
+        _, grads = norm.group_norm_nhwc_backward(cpu_backend.asarray(np.ones((1, 1, 2)), dtype=np.float32), cache)
+    np.testing.assert_allclose(to_numpy(out).ravel(), [0.0, 1e4], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(grads["bias"]), [0.0, 1.0], atol=1e-6)    # dL/dbeta = SiLU'(h)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 2, 2), (2, 2, 3, 1)])
+def test_upsample2x_nhwc_gradient_matches_finite_differences_and_torch(backend, torch, shape):
+    x = randn(np.random.default_rng(shape[0]), *shape)
+    check_gradients(backend, L.upsample2x_nhwc_forward, L.upsample2x_nhwc_backward, {"x": x}, {"x": "dx"})
+    out, _ = L.upsample2x_nhwc_forward(backend.asarray(x))
+    ref = torch.nn.functional.interpolate(torch.from_numpy(_nhwc_to_nchw(x)), scale_factor=2, mode="nearest")
+    np.testing.assert_array_equal(_nhwc_to_nchw(to_numpy(out)), ref.numpy())
+
+
+def test_channels_last_concat_gradient_matches_finite_differences(backend, rng):
+    inputs = {"a": randn(rng, 2, 3, 2, 3), "b": randn(rng, 2, 3, 2, 1)}
+    check_gradients(backend, L.concat_forward, L.concat_backward, inputs, {"a": 0, "b": 1}, axis=-1)
+
+
+# --- the parallel machinery ------------------------------------------------------------------------------------------
+
+def test_unet_on_two_threads_matches_one_thread(cpu_backend):
+    """The batch split over two workers: the same output (per-image work is untouched) and the same gradients up
+    to the order in which the parts' gradients are summed."""
+    threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
+    from minidiff.unet import UNet
+    model = UNet(base_channels=8, groups=4, channel_mults=(1, 2), attention_levels=(1,), num_heads=2,
+                 dtype="float64", device=cpu_backend)
+    rng = np.random.default_rng(6)
+    x = cpu_backend.asarray(rng.standard_normal((5, 1, 8, 8)))
+    t, dout = rng.integers(0, 1000, 5), cpu_backend.asarray(rng.standard_normal((5, 1, 8, 8)))
+    runs = {}
+    for threads in (2, 1):
+        with threadpool_limits(threads, user_api="blas"):
+            assert parallel.cpu_workers(np) == threads
+            out = to_numpy(model.forward(x, t))
+            runs[threads] = out, {k: to_numpy(g) for k, g in model.backward(dout).items()}
+    np.testing.assert_allclose(runs[2][0], runs[1][0], rtol=0, atol=1e-13)
+    for name, g in runs[1][1].items():
+        np.testing.assert_allclose(runs[2][1][name], g, rtol=1e-10, atol=1e-13, err_msg=name)
+
+
+def test_map_parts_keeps_order_propagates_errors_and_restores_blas_threads():
+    threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
+    with threadpool_limits(2, user_api="blas"):
+        assert parallel.map_parts(lambda p: p * p, range(7), np) == [p * p for p in range(7)]
+        assert parallel.map_parts(lambda p: parallel.cpu_workers(np), range(2), np) == [1, 1]  # nested: serial
+
+        def boom(p):
+            if p == 3:
+                raise ValueError("part 3")
+            return p
+        with pytest.raises(ValueError, match="part 3"):
+            parallel.map_parts(boom, range(6), np)
+        assert parallel.cpu_workers(np) == 2   # BLAS is back to two threads after the error
+
+
+def test_batch_parts_cover_the_batch_once():
+    assert parallel.batch_parts(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert parallel.batch_parts(2, 8) == [(0, 1), (1, 2)]
+    assert parallel.batch_parts(5, 0) == [(0, 5)]
