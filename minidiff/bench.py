@@ -64,8 +64,9 @@ class BenchConfig:
 
 CONFIGS = {
     "digits": BenchConfig("digits", 128, 8),
-    "16x16": BenchConfig("16x16", 64, 16, {"channel_mults": [1, 2, 2]}),
-    "32x32": BenchConfig("32x32", 64, 32, {"channel_mults": [1, 2, 2, 2], "attention_levels": [2]}),
+    "16x16": BenchConfig("16x16", 64, 16, {"base_channels": 32, "channel_mults": [1, 2, 2]}),
+    "32x32": BenchConfig("32x32", 64, 32, {"base_channels": 32, "channel_mults": [1, 2, 2, 2],
+                                           "attention_levels": [2]}),
     "ddim50": BenchConfig("ddim50", 64, 8, sample_steps=50),
 }
 QUICK = {"repeats": 2, "warmup": 1}  # `minidiff bench --quick`
