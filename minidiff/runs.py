@@ -15,6 +15,9 @@ renames it over the original with os.replace (atomic on POSIX and Windows) and f
 run killed at any instant, sees either the old complete file or the new complete one. Rebuilding (rather than copying
 the file and editing the copy) also keeps the file compact: HDF5 does not reclaim the space of deleted objects.
 Between flushes the file is closed, so other processes can inspect it while a run trains.
+
+RunFile decides when a file is rebuilt and how it is published; minidiff.run_layout writes and verifies
+the parts (metrics, checkpoint, samples). RunFileError and the format constants are importable from here.
 """
 
 from __future__ import annotations
@@ -30,17 +33,13 @@ import numpy as np
 
 from . import __version__
 from .backend import to_numpy
-from .runtree import TreeError, crc32_of, read_tree, write_tree
+from .run_layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, RunFileError, host_attr, read_and_verify,
+                         read_checked, write_metrics, write_samples)
+from .runtree import TreeError, read_tree, write_tree
 
-FORMAT = "minidiff-run"
-FORMAT_VERSION = 1
+__all__ = ["FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "STATUSES", "RunFile", "RunFileError", "RunFileExistsError"]
+
 STATUSES = ("running", "finished", "diverged", "interrupted")
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-_CHUNK_ROWS = 256
-
-
-class RunFileError(RuntimeError):
-    """A run file is missing, damaged or unusable; the message names the file and the damaged part."""
 
 
 class RunFileExistsError(RunFileError, FileExistsError):
@@ -63,16 +62,6 @@ def _fsync_path(path, directory=False) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _host_attr(v):
-    if isinstance(v, bytes):
-        return v.decode("utf-8")
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
 
 
 class RunFile:
@@ -126,7 +115,7 @@ class RunFile:
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         path = Path(path)
-        attrs, metrics, ckpt_step = _read_and_verify(path)
+        attrs, metrics, ckpt_step = read_and_verify(path)
         run = cls(path, mode == "a", attrs, metrics, ckpt_step)
         if run.writable:
             run._remove_tmp()
@@ -291,7 +280,7 @@ class RunFile:
             raise RunFileError(f"{self.path} has no samples at step {step} (it has {steps})")
         with self._h5() as f:
             ds = f[f"samples/{step}"]
-            return _read_checked(ds, self.path), {k: _host_attr(v) for k, v in ds.attrs.items() if k != "crc32"}
+            return read_checked(ds, self.path), {k: host_attr(v) for k, v in ds.attrs.items() if k != "crc32"}
 
     def set_status(self, status: str, message: str = "") -> None:
         """running | finished | diverged | interrupted, with an optional one-line reason; flushes."""
@@ -336,7 +325,7 @@ class RunFile:
             try:
                 with h5py.File(tmp, "w", track_order=True) as f:
                     f.attrs.update(self._attrs)
-                    _write_metrics(f.create_group("metrics", track_order=True), metrics)
+                    write_metrics(f.create_group("metrics", track_order=True), metrics)
                     ckpt = f.create_group("checkpoint")
                     if checkpoint is not None:
                         write_tree(ckpt, "state", checkpoint[0])
@@ -344,7 +333,7 @@ class RunFile:
                     elif old is not None and "state" in old["checkpoint"]:
                         old.copy(old["checkpoint/state"], ckpt, "state")
                         ckpt.attrs.update(old["checkpoint"].attrs)
-                    _write_samples(f.create_group("samples"), old, samples or {}, drop_samples_after)
+                    write_samples(f.create_group("samples"), old, samples or {}, drop_samples_after)
             finally:
                 if old is not None:
                     old.close()
@@ -373,83 +362,3 @@ class RunFile:
             os.replace(tmp, self.path)
             return
         tmp.unlink()
-
-
-def _write_metrics(group, metrics: dict) -> None:
-    for name, arr in metrics.items():
-        ds = group.create_dataset(name, data=arr, maxshape=(None,) + arr.shape[1:],
-                                  chunks=(_CHUNK_ROWS,) + arr.shape[1:])
-        ds.attrs["crc32"] = crc32_of(arr)
-
-
-def _write_samples(group, old, new: dict, drop_after) -> None:
-    kept = [] if old is None else [int(k) for k in old["samples"]]
-    for step in sorted(set(kept) | set(new)):
-        if drop_after is not None and step > drop_after:
-            continue
-        if step in new:
-            images, attrs = new[step]
-            ds = group.create_dataset(str(step), data=images)
-            ds.attrs.update({k: v if isinstance(v, (str, int, float, bool, np.generic)) else json.dumps(v)
-                             for k, v in attrs.items()})
-            ds.attrs.update(step=step, crc32=crc32_of(images))
-        else:
-            old.copy(old[f"samples/{step}"], group, str(step))
-
-
-def _read_checked(ds, path):
-    name = ds.name.lstrip("/")
-    try:
-        data = ds[()]
-    except (OSError, ValueError, KeyError) as exc:
-        raise RunFileError(f"{path}: {name} is damaged (unreadable: {exc})") from None
-    if "crc32" in ds.attrs and crc32_of(data) != int(ds.attrs["crc32"]):
-        raise RunFileError(f"{path}: {name} is damaged (checksum mismatch)")
-    return data
-
-
-def _read_and_verify(path: Path):
-    """(attrs, metrics, checkpoint step) of a run file after checking every part; RunFileError names the damage."""
-    if not path.exists():
-        raise RunFileError(f"{path}: run file not found")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head != HDF5_SIGNATURE:
-        raise RunFileError(f"{path}: not an HDF5 file (no HDF5 signature; empty, garbage or another format)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise RunFileError(f"{path}: HDF5 structure is damaged or the file is truncated ({exc})") from None
-    with f:
-        try:
-            attrs = {k: _host_attr(v) for k, v in f.attrs.items()}
-        except (OSError, KeyError) as exc:
-            raise RunFileError(f"{path}: root attributes are damaged ({exc})") from None
-        if attrs.get("format") != FORMAT:
-            raise RunFileError(f"{path}: root attributes are missing or damaged: not a minidiff run file")
-        if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
-            raise RunFileError(f"{path}: run-file format {attrs['format_version']} is newer than this minidiff "
-                               f"({FORMAT_VERSION}); upgrade minidiff")
-        try:
-            json.loads(attrs["config"])
-        except (KeyError, TypeError, ValueError):
-            raise RunFileError(f"{path}: root attribute 'config' is missing or damaged (invalid JSON)") from None
-        for part in ("metrics", "checkpoint", "samples"):
-            if not isinstance(f.get(part), h5py.Group):
-                raise RunFileError(f"{path}: group '{part}' is missing or damaged")
-        metrics = {name: _read_checked(ds, path) for name, ds in f["metrics"].items()}
-        rows = len(metrics.get("step", ()))
-        for name, arr in metrics.items():
-            if len(arr) != rows:
-                raise RunFileError(f"{path}: metrics/{name} is damaged ({len(arr)} rows, metrics/step has {rows})")
-        ckpt_step = None
-        if "state" in f["checkpoint"]:
-            try:
-                read_tree(f["checkpoint/state"])
-                ckpt_step = int(f["checkpoint"].attrs["step"])
-            except (TreeError, KeyError) as exc:
-                raise RunFileError(f"{path}: checkpoint is damaged: {exc}") from None
-        for ds in f["samples"].values():
-            _read_checked(ds, path)
-    metrics.setdefault("step", np.zeros(0, dtype=np.int64))
-    return attrs, metrics, ckpt_step

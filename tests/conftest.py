@@ -1,4 +1,4 @@
-"""Shared fixtures: the backends every layer/model test runs under, and the torch reference import."""
+"""Shared fixtures: the backends every layer/model test runs under, the torch reference import, one BLAS thread."""
 
 import numpy as np
 import pytest
@@ -40,6 +40,19 @@ def torch():
     t = requires_torch()
     t.set_num_threads(2)
     return t
+
+
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """One BLAS thread for a module (use with pytestmark = pytest.mark.usefixtures("one_blas_thread")): tiny matrices
+    gain nothing from BLAS threads, and on the loaded 2-core machine they only add contention (4x)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(1):
+        yield
 
 
 @pytest.fixture

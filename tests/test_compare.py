@@ -7,28 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minidiff.compare import (FIGURES, FINAL_ROWS, Group, MissingExtra, RunData, compare_runs, group_runs, smooth,
-                              stack, summarize_groups, wall_times)
+from minidiff.compare import (FINAL_ROWS, Group, MissingExtra, RunData, compare_runs, group_runs, summarize_groups,
+                              wall_times)
+from minidiff.compare_figures import FIGURES, smooth, stack
 from minidiff.config import TrainConfig
 from minidiff.runs import RunFile
 from minidiff.train import start_run
 
 pytest.importorskip("matplotlib", reason="compare figures need matplotlib (pip install 'minidiff[plots]')")
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY_UNET = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """Tiny matrices gain nothing from BLAS threads; on the loaded 2-core machine they only add contention (4x)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(1):
-        yield
 
 
 def moons(**changes):

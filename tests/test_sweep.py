@@ -16,17 +16,7 @@ from minidiff.train import start_run
 BASE = dict(dataset="moons", timesteps=50, batch_size=64, steps=12, log_every=4, ckpt_every=6, sample_every=100,
             probe_every=0, eval_every=0)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """Tiny matrices gain nothing from BLAS threads; on the loaded 2-core machine they only add contention (4x)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture
