@@ -102,14 +102,27 @@ def _is_cupy(a) -> bool:
     return type(a).__module__.split(".")[0] == "cupy"
 
 
+_MODULE_OF_TYPE: dict = {}   # array type -> its module; asked thousands of times per training step, so cached
+
+
+def _module_of_type(tp):
+    if issubclass(tp, _strict.StrictArray):
+        return _strict.xp
+    if tp.__module__.split(".")[0] == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
 def get_array_module(*arrays):
-    """The array module that owns these arrays: numpy, cupy, or the strict namespace."""
+    """The array module that owns these arrays: numpy, cupy, or the strict namespace (the first that is not NumPy)."""
     for a in arrays:
-        if isinstance(a, _strict.StrictArray):
-            return _strict.xp
-        if _is_cupy(a):
-            import cupy
-            return cupy
+        tp = type(a)
+        xp = _MODULE_OF_TYPE.get(tp)
+        if xp is None:
+            xp = _MODULE_OF_TYPE[tp] = _module_of_type(tp)
+        if xp is not np:
+            return xp
     return np
 
 

@@ -9,7 +9,8 @@ One *unit* of work per configuration (`CONFIGS`):
           twin's forward under torch.inference_mode() (arrays cross by DLPack, no copies), so only the network differs.
 
 Timing: after `warmup` units each, ours and PyTorch's alternate for `repeats` rounds (the order flips every round),
-so machine noise hits both; the device is synchronised before each clock read. Reported: medians (and the
+so machine noise hits both; each timed unit follows `settle` seconds of untimed units of its own side, as one
+training step follows another; the device is synchronised before each clock read. Reported: medians (and the
 median of per-round ratios).
 Throughput: FLOPs of a unit counted from the layer shapes (`minidiff.flops`), achieved GFLOP/s, and `peak_fraction`
 = achieved / the matrix-multiply peak measured in the same run (best of 5 square float matmuls, 2048^3 on the CPU,
@@ -152,15 +153,22 @@ def _synchronizer(backend, with_cuda):
     return sync
 
 
-def interleaved_times(units, warmup, repeats, sync, pause=0.0):
+def interleaved_times(units, warmup, repeats, sync, settle=0.0):
     """Run each callable `warmup` times, then `repeats` rounds alternating between them (order reversed every other
-    round), sleeping `pause` seconds (untimed) before each. -> one list of `repeats` wall-clock seconds per callable."""
+    round). With settle > 0, each timed call follows untimed calls of the same callable for at least `settle`
+    seconds. -> one list of `repeats` wall-clock seconds per callable."""
     times = [[] for _ in units]
     for r in range(warmup + repeats):
         order = list(range(len(units)))
         for i in (order if r % 2 == 0 else order[::-1]):
             sync()
-            time.sleep(pause)
+            if settle > 0:
+                t_end = time.perf_counter() + settle
+                while True:
+                    units[i]()
+                    sync()
+                    if time.perf_counter() >= t_end:
+                        break
             t0 = time.perf_counter()
             units[i]()
             sync()
@@ -286,7 +294,7 @@ class _Session:
     torch: object  # the torch module, or None
     warmup: int
     repeats: int
-    pause: float
+    settle: float
     memory: bool
     peaks: list = field(default_factory=list)  # matmul peak measurements (GFLOP/s), one before each configuration
     machine: dict = field(default_factory=dict)
@@ -309,7 +317,7 @@ def _bench_one(cfg, s: _Session, say) -> dict:
     units = [ours_unit(cfg, model)] + ([torch_unit(cfg, model, make_twin(model))] if s.torch else [])
     say(f"{cfg.name}: timing {cfg.unit} x {s.repeats} (+{s.warmup} warm-up){' vs torch' if s.torch else ''}")
     sync = _synchronizer(s.backend, bool(s.torch) and s.backend.name == "cupy")
-    times = interleaved_times(units, s.warmup, s.repeats, sync, s.pause) + [None]
+    times = interleaved_times(units, s.warmup, s.repeats, sync, s.settle) + [None]
     count = unet_flops(model, cfg.batch, cfg.image_size, cfg.image_size)
     flops = count.forward * cfg.sample_steps if cfg.sample_steps else count.training
     row = {"name": cfg.name, "unit": cfg.unit, "device": "gpu" if s.backend.name == "cupy" else "cpu",
@@ -335,7 +343,7 @@ def _bench_one(cfg, s: _Session, say) -> dict:
 
 
 def run_benchmarks(configs=None, repeats=5, warmup=1, threads=None, with_torch=True, device="cpu", progress=None,
-                   memory=True, dtype="float32", pause=None) -> list[dict]:
+                   memory=True, dtype="float32", settle=None) -> list[dict]:
     """Benchmark `configs` (names from CONFIGS or BenchConfig objects; None = all) -> one dict per configuration.
 
     Keys: name, unit, device, dtype, batch, image_size, params, repeats; step_ms (median), step_ms_runs,
@@ -346,8 +354,9 @@ def run_benchmarks(configs=None, repeats=5, warmup=1, threads=None, with_torch=T
     torch_threads, blas, blas_env. torch_* and ratios are None without torch (with_torch=False or not installed);
     memory keys are None with memory=False or when a memory process failed (its message is in memory_error).
     threads: BLAS and torch threads; None keeps NumPy's BLAS setting and gives torch the same number.
-    pause: untimed sleep before each timed unit (default 0.25 s on the CPU, 0 on a GPU): OpenBLAS's idle workers
-    busy-wait ~0.1 s after a call, which would steal a core from the PyTorch unit that follows ours.
+    settle: seconds of untimed units of the same side before each timed one (default 0.15 s on the CPU, 0 on a
+    GPU): the timed unit runs as a training step does, right after another, once the other side's idle threads
+    (OpenBLAS's and OpenMP's spin ~0.1 s after a call) have gone to sleep. See benchmarks/README.md.
     progress: called with one line of text per phase.
     """
     say, cfgs, backend = progress or (lambda msg: None), _resolve_configs(configs), get_backend(device)
@@ -355,8 +364,8 @@ def run_benchmarks(configs=None, repeats=5, warmup=1, threads=None, with_torch=T
     if with_torch:
         with contextlib.suppress(ImportError):
             import torch
-    pause = (0.0 if backend.name == "cupy" else 0.25) if pause is None else pause
-    s = _Session(backend, dtype, torch, warmup, repeats, pause, memory)
+    settle = (0.0 if backend.name == "cupy" else 0.15) if settle is None else settle
+    s = _Session(backend, dtype, torch, warmup, repeats, settle, memory)
     with limit_threads(threads):
         info = blas_info()
         n_threads = threads or info["blas_threads"] or os.cpu_count()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from .backend import get_array_module
 from .parallel import batch_parts
-from .workspace import scratch
+from .workspace import ones_row, scratch
 
 CHUNK_BYTES = 2 << 20   # column-matrix bytes per chunk on the CPU: fits the L2/L3 caches (see the module docstring)
 
@@ -121,7 +121,7 @@ def conv2d_nhwc_backward(dout, cache, input_grad=True):
 def column_sums(a):
     """a (M, K) -> (K,) sums over the rows, as one matrix-vector product (far faster than a.sum(axis=0) in NumPy)."""
     xp = get_array_module(a)
-    return xp.matmul(xp.ones((1, a.shape[0]), dtype=a.dtype), a).reshape(a.shape[1])
+    return xp.matmul(ones_row(a.shape[0], a), a).reshape(a.shape[1])
 
 
 def _accumulate(total, a, b):

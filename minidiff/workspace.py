@@ -24,6 +24,7 @@ import threading
 from .backend import get_array_module
 
 _BUFFERS: dict = {}
+_ONES: dict = {}
 
 
 def scratch(name, shape, like, zeros=False):
@@ -39,9 +40,20 @@ def scratch(name, shape, like, zeros=False):
     return buf[:size].reshape(shape)
 
 
+def ones_row(n, like):
+    """A (1, n) row of ones with the dtype and array module of `like`, cached and shared by all threads: read it,
+    never write into it (it turns sums into matrix-vector products, see conv.column_sums)."""
+    key = (type(like), like.dtype.str, n)
+    row = _ONES.get(key)
+    if row is None:
+        row = _ONES[key] = get_array_module(like).ones((1, n), dtype=like.dtype)
+    return row
+
+
 def clear():
     """Drop every scratch buffer (their memory goes back to the allocator)."""
     _BUFFERS.clear()
+    _ONES.clear()
 
 
 @functools.lru_cache(maxsize=None)

@@ -69,9 +69,17 @@ def test_interleaved_times_alternates_order_and_drops_warmup():
     assert [len(t) for t in times] == [3, 3] and all(s >= 0 for t in times for s in t)
 
 
+def test_settle_runs_each_timed_call_right_after_untimed_calls_of_the_same_side():
+    calls = []
+    times = interleaved_times([lambda: calls.append("a"), lambda: calls.append("b")], warmup=0, repeats=2,
+                              sync=lambda: None, settle=1e-9)
+    assert calls == list("aa" "bb" "bb" "aa")   # one untimed call (the settle time is tiny), then the timed one
+    assert [len(t) for t in times] == [2, 2]
+
+
 def test_run_benchmarks_reports_documented_keys_with_sane_values_and_torch_columns(torch):
     cfg = BenchConfig("tiny", 4, 8, TINY)
-    (row,) = run_benchmarks([cfg], repeats=2, warmup=1, threads=None, pause=0.0)
+    (row,) = run_benchmarks([cfg], repeats=2, warmup=1, threads=None, settle=0.0)
     json.dumps(row)  # --json must be able to print it
     assert row["name"] == "tiny" and row["batch"] == 4 and row["device"] == "cpu" and row["unit"] == "train step"
     assert row["step_ms"] > 0 and len(row["step_ms_runs"]) == 2
@@ -92,7 +100,7 @@ def test_run_benchmarks_reports_documented_keys_with_sane_values_and_torch_colum
 
 def test_run_benchmarks_without_torch_or_memory_leaves_those_columns_empty_for_sampling():
     cfg = BenchConfig("tinyddim", 2, 8, TINY, sample_steps=2)
-    (row,) = run_benchmarks([cfg], repeats=1, warmup=0, with_torch=False, memory=False, pause=0.0)
+    (row,) = run_benchmarks([cfg], repeats=1, warmup=0, with_torch=False, memory=False, settle=0.0)
     assert row["unit"] == "ddim2 sampling" and row["step_ms"] > 0
     assert math.isclose(row["gflop_per_step"], 2 * unet_flops(UNet(**TINY), 2, 8, 8).forward / 1e9)
     for key in ("torch_step_ms", "ratio_vs_torch", "torch_peak_fraction", "peak_mem_mb", "torch_peak_mem_mb"):
