@@ -264,8 +264,10 @@ class Trainer:
 
     def _diverged(self, run, metrics) -> None:
         what = "loss or gradient norm" if metrics else "parameters"
-        message = (f"training diverged: non-finite {what} by step {self.step}; the run keeps its last good "
-                   f"checkpoint (step {run.checkpoint_step}). Try a smaller --lr or --grad-clip.")
+        kept = (f"the run keeps its last good checkpoint (step {run.checkpoint_step})"
+                if run.checkpoint_step is not None else "no checkpoint was written yet, so there is nothing to resume")
+        message = (f"training diverged: non-finite {what} by step {self.step}; {kept}. "
+                   f"Try a smaller --lr or --grad-clip.")
         run.set_status("diverged", message)
         raise TrainingDiverged(message)
 

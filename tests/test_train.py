@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,25 +138,31 @@ def test_bad_config_values_name_the_option():
             tiny(**changes).validated()
 
 
+# A long run in a subprocess; argv: the run file, then the TrainConfig as JSON
+_LONG_RUN = dict(dataset="moons", batch_size=32, steps=100000, timesteps=50, log_every=2, ckpt_every=3,
+                 sample_every=100000, sample_steps=2)
 _KILL_SCRIPT = """
-import sys
+import json, sys
 from minidiff.config import TrainConfig
 from minidiff.train import start_run
-cfg = TrainConfig(dataset="moons", batch_size=32, steps=100000, timesteps=50, log_every=2, ckpt_every=3,
-                  sample_every=100000, sample_steps=2)
-trainer, run = start_run(cfg, sys.argv[1])
+trainer, run = start_run(TrainConfig(**json.loads(sys.argv[2])), sys.argv[1])
 print("started", flush=True)
 trainer.train(run, 100000)
 """
+
+
+def _start_long_run(path, **changes):
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(path), json.dumps(_LONG_RUN | changes)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started", proc.stderr.read()
+    return proc
 
 
 def test_sigkill_at_random_moments_leaves_a_file_that_opens_and_resumes(tmp_path):
     rng = np.random.default_rng(0)
     for trial in range(4):
         path = tmp_path / f"k{trial}.h5"
-        proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(path)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "started", proc.stderr.read()
+        proc = _start_long_run(path)
         time.sleep(0.3 + rng.uniform(0, 1.2))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -168,22 +175,40 @@ def test_sigkill_at_random_moments_leaves_a_file_that_opens_and_resumes(tmp_path
         assert RunFile.open(path).status == "finished"
 
 
-def test_sigint_writes_a_checkpoint_and_marks_the_run_interrupted(tmp_path):
-    path = tmp_path / "i.h5"
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "started"
+def test_sigint_checkpoints_the_step_it_stopped_at_and_resume_continues_bitwise_from_it(tmp_path):
+    # no periodic checkpoints: the only one in the file is the one the interrupt wrote
+    path, changes = tmp_path / "i.h5", {"ckpt_every": 10**6}
+    proc = _start_long_run(path, **changes)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
+    assert "TrainingInterrupted" in err, err
+    stopped = int(re.search(r"interrupted at step (\d+)", err).group(1))
     run = RunFile.open(path)
-    assert run.status == "interrupted", err
-    assert "TrainingInterrupted" in err
-    step = run.checkpoint_step
-    assert step is not None and step >= 1 and int(run.metrics()["step"][-1]) <= step
+    assert run.status == "interrupted" and f"at step {stopped}" in run.attrs["status_message"]
+    assert stopped >= 1 and run.checkpoint_step == stopped
+    m = run.metrics()
+    assert m["step"][np.isfinite(m["loss"])][-1] == stopped - stopped % 2  # every log (every 2 steps) was flushed
     run.close()
-    trainer, run = resume_run(path)
-    assert trainer.step == step
+
+    resumed, run = resume_run(path)
+    assert resumed.step == stopped
+    resumed.train(run, stopped + 5)
+    straight, run2 = start_run(TrainConfig(**(_LONG_RUN | changes)), tmp_path / "straight.h5")
+    straight.train(run2, stopped + 5)
+    _assert_bitwise_equal(_untimed(straight.state_dict()), _untimed(resumed.state_dict()))
+    np.testing.assert_array_equal(RunFile.open(path).metrics()["loss"], RunFile.open(tmp_path / "straight.h5")
+                                  .metrics()["loss"])
+
+
+def test_divergence_before_the_first_checkpoint_says_no_checkpoint_was_written(tmp_path):
+    trainer, run = start_run(tiny(log_every=2, ckpt_every=4), tmp_path / "r.h5")
+    trainer.model.params["conv_in.weight"][...] = np.nan
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written yet") as info:
+        trainer.train(run, 8)
+    assert "step None" not in str(info.value)
+    run = RunFile.open(tmp_path / "r.h5")
+    assert run.status == "diverged" and run.checkpoint_step is None
 
 
 def test_probes_and_evaluation_are_recorded_and_do_not_change_the_run(tmp_path):
