@@ -5,9 +5,12 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
+import numpy as np
+from click.core import ParameterSource
 
 from minidiff import __version__, bench, optim_demo
 from minidiff.backend import BackendError
@@ -16,7 +19,7 @@ from minidiff.config import (DEFAULT_LR, DEVICES, MODEL_NAMES, OPTIMIZER_NAMES, 
                              default_run_path, load_config_file)
 from minidiff.data import DATASETS, DataError
 from minidiff.diffusion import PREDICTIONS, WEIGHTINGS
-from minidiff.lr_schedules import LR_SCHEDULES
+from minidiff.lr_schedules import LR_SCHEDULES, make_lr_schedule
 from minidiff.run_tools import sample_png, summarize, write_latest_samples_png
 from minidiff.runs import RunFile, RunFileError
 from minidiff.schedules import SCHEDULES
@@ -27,13 +30,27 @@ from minidiff.train import TrainingDiverged, TrainingInterrupted, resume_run, st
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="minidiff")
 def main():
-    """minidiff: diffusion models from scratch on NumPy/CuPy, no autograd."""
+    """minidiff: diffusion models from scratch on NumPy/CuPy, no autograd.
+
+    \b
+    Exit status of train and resume:
+      0    the run reached its steps (status "finished")
+      1    the run diverged: one line says so; the file is marked "diverged" and keeps its last good checkpoint
+      2    bad input (an option, a --config file, data, a damaged run file): one line, nothing written
+      130  interrupted (Ctrl-C, SIGTERM): a checkpoint was written; continue with minidiff resume
+    """
 
 
 class BadInput(click.ClickException):
     """Bad input found after parsing (a config value, an existing file): one line, exit code 2, like a usage error."""
 
     exit_code = 2
+
+
+class RunDiverged(click.ClickException):
+    """The run diverged (its file says so and keeps its last good checkpoint): one line, exit code 1."""
+
+    exit_code = 1
 
 
 class _OneLineUsageErrors(click.Command):
@@ -75,7 +92,8 @@ def _train_options(f):
     """Every TrainConfig field as an option; None means 'not given' so --config files and defaults show through."""
     opts = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                     help="JSON or TOML file setting any option below (command-line options win)."),
+                     help="JSON or TOML file setting any option below, or any other TrainConfig field (e.g. "
+                          "eval_every); options given on the command line win."),
         click.option("--dataset", help=f"Built-in data set ({', '.join(DATASETS)}) or a path to .npy/.npz/.h5/IDX "
                                        "images. [default: digits]"),
         click.option("--model", type=click.Choice(MODEL_NAMES), help="Denoiser; auto = UNet for images, MLP for "
@@ -116,11 +134,32 @@ def _train_options(f):
     return f
 
 
-def _build_config(config_file, options) -> TrainConfig:
+def _read_config_file(config_file) -> dict:
+    try:
+        return load_config_file(config_file) if config_file else {}
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _from_file(ctx, name, value, file_values, kind):
+    """An option of `train` that is not a TrainConfig field (out, overwrite, quiet): the command line, else the
+    --config file, else the default."""
+    in_file = file_values.pop(name, None)
+    if in_file is None or ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
+        return value
+    if not isinstance(in_file, kind):
+        raise BadInput(f"{name} in the config file must be a {kind.__name__}, got {in_file!r}")
+    return in_file
+
+
+def _build_config(file_values, options) -> TrainConfig:
     """TrainConfig defaults <- the --config file <- options given on the command line; BadInput if invalid."""
     try:
-        values = load_config_file(config_file) if config_file else {}
+        values = dict(file_values)
         base_channels = options.pop("base_channels")
+        if base_channels is None:
+            base_channels = values.pop("base_channels", None)
+        values.pop("base_channels", None)
         values.update({k: v for k, v in options.items() if v is not None})
         if base_channels is not None:
             values["model_options"] = dict(values.get("model_options", {}), base_channels=base_channels)
@@ -141,8 +180,15 @@ def _build_config(config_file, options) -> TrainConfig:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def train_command(ctx, config_file, out, overwrite, quiet, **options):
-    """Train a diffusion model and record the run in an HDF5 file (default: UNet on the bundled digits, Adam)."""
-    config = _build_config(config_file, options)
+    """Train a diffusion model and record the run in an HDF5 file (default: UNet on the bundled digits, Adam).
+
+    Exit status: 0 finished, 1 diverged, 2 bad input, 130 interrupted (see minidiff --help).
+    """
+    file_values = _read_config_file(config_file)
+    out = _from_file(ctx, "out", out, file_values, str)
+    overwrite = _from_file(ctx, "overwrite", overwrite, file_values, bool)
+    quiet = _from_file(ctx, "quiet", quiet, file_values, bool)
+    config = _build_config(file_values, options)
     out = Path(out or default_run_path(config))
     if out.exists() and not overwrite:
         raise BadInput(f"{out} already exists; pass --overwrite to replace it or --out to choose another")
@@ -156,7 +202,8 @@ def train_command(ctx, config_file, out, overwrite, quiet, **options):
 
 
 def _report_done(out):
-    png = write_latest_samples_png(out)
+    with _quiet_float_errors():
+        png = write_latest_samples_png(out)
     click.echo(f"done: {out}" + (f"\n  samples (EMA, DDIM): {png}" if png else "")
                + f"\n  more samples:        minidiff sample {out} --n 64 --out {Path(out).stem}-grid.png"
                + f"\n  inspect the run:     minidiff inspect {out}")
@@ -168,8 +215,17 @@ def _report_done(out):
                                                           "[default: the run's planned steps]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def resume_command(run_file, steps, quiet):
-    """Continue a run from its checkpoint; bitwise identical to an uninterrupted run on the CPU."""
+    """Continue a run from its checkpoint; bitwise identical to an uninterrupted run on the CPU.
+
+    --steps past the run's planned steps extends the plan (logs, samples and the end then follow the new total), unless
+    the learning-rate schedule depends on the total (cosine, warmup_cosine, a warm-up longer than the plan): then
+    the steps already taken would not match a run planned that long, and resume refuses.
+
+    Exit status: 0 finished, 1 diverged, 2 bad input, 130 interrupted (see minidiff --help).
+    """
     with _friendly_errors():
+        if steps is not None:
+            _extend_planned_steps(run_file, steps)
         trainer, run = resume_run(run_file)
     until = steps or trainer.config.steps
     if trainer.step >= until:
@@ -179,6 +235,40 @@ def resume_command(run_file, steps, quiet):
     click.echo(f"resuming {run_file} at step {trainer.step} -> {until}", err=True)
     _run_training(trainer, run, until, quiet)
     _report_done(run_file)
+
+
+def _lr_schedule(config):
+    # built as minidiff.train.Trainer builds it
+    return make_lr_schedule(config.lr_schedule, config.resolved_lr, config.steps,
+                            warmup_steps=min(config.warmup_steps, config.steps))
+
+
+def _extend_planned_steps(run_file, steps):
+    """Store `steps` as the run's planned total before resuming past it, so the run continues as one planned that
+    long; BadInput (file untouched) when the steps already taken had learning rates that depend on the total."""
+    planned = RunFile.open(run_file)
+    config = TrainConfig.from_dict(planned.config)
+    if steps <= config.steps or planned.checkpoint_step is None:  # nothing to extend, or nothing to resume from
+        return
+    extended = config.replace(steps=steps)
+    old, new = _lr_schedule(config), _lr_schedule(extended)
+    if any(old(k) != new(k) for k in range(planned.checkpoint_step)):
+        raise BadInput(f"--steps {steps} is past the {config.steps} steps {run_file} was planned for, and its lr "
+                       f"schedule {config.lr_schedule!r} depends on the total, so the steps already taken would not "
+                       f"match a {steps}-step run; resume to at most {config.steps} steps, or start a new run with "
+                       f"minidiff train --steps {steps}")
+    RunFile.open(run_file, mode="a").set_config(extended.to_dict())
+
+
+@contextlib.contextmanager
+def _quiet_float_errors():
+    """No NumPy overflow/invalid-value warnings while training or sampling: a diverging run says so in one line
+    (non-finite values are detected anyway). The filter also covers minidiff.parallel's worker threads, which do not
+    inherit np.errstate."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                message="(overflow|invalid value|divide by zero|underflow) encountered")
+        yield
 
 
 def _run_training(trainer, run, until, quiet):
@@ -197,9 +287,10 @@ def _run_training(trainer, run, until, quiet):
                 shown["loss"] = metrics["loss"]
             bar.update(1, step)
         try:
-            trainer.train(run, until, progress=progress)
+            with _quiet_float_errors():
+                trainer.train(run, until, progress=progress)
         except TrainingDiverged as exc:
-            raise click.ClickException(str(exc)) from None
+            raise RunDiverged(str(exc)) from None
         except TrainingInterrupted as exc:
             click.echo(f"\n{exc}; continue with: minidiff resume {run.path}", err=True)
             sys.exit(130)
@@ -224,16 +315,22 @@ def sample_command(ctx, run_file, n, sampler, steps, eta, ema, seed, out, overwr
     with _friendly_errors():
         if RunFile.open(run_file).checkpoint_step is None:
             raise ValueError(f"{run_file}: the run has no checkpoint yet (nothing to sample from)")
-        total = {"n": None}
-        with click.progressbar(length=1000 if sampler == "ddpm" else steps, label=f"{sampler}",
-                               file=sys.stderr) as bar:
+        done = {"i": 0, "n": steps, "t0": 0.0}
+
+        def show(_):
+            i = done["i"]  # the rate counts from the end of step 1: loading the model is not sampling
+            rate = f"  {(i - 1) / max(time.perf_counter() - done['t0'], 1e-9):.1f} it/s" if i > 1 else ""
+            return f"step {i}/{done['n']}{rate}" if i else None
+
+        with click.progressbar(length=steps, label=sampler, item_show_func=show, file=sys.stderr) as bar:
             def progress(i, count):
-                if total["n"] is None:
-                    total["n"] = count
-                    bar.length = count
+                if i == 0:  # DDPM runs all T steps, known only once sampling starts
+                    bar.length, done["n"], done["t0"] = count, count, time.perf_counter()
+                done["i"] = i + 1
                 bar.update(1)
-            info = sample_png(run_file, out, n=n, sampler=sampler, num_steps=steps, eta=eta, use_ema=ema, seed=seed,
-                              progress=progress, overwrite=overwrite)
+            with _quiet_float_errors():
+                info = sample_png(run_file, out, n=n, sampler=sampler, num_steps=steps, eta=eta, use_ema=ema,
+                                  seed=seed, progress=progress, overwrite=overwrite)
     click.echo(f"{info['n']} samples from step {info['step']} ({sampler}) -> {out}")
 
 

@@ -21,7 +21,7 @@ import json
 import numpy as np
 
 from . import probes
-from .backend import to_float
+from .backend import to_float, to_numpy
 
 
 class Instruments:
@@ -68,6 +68,26 @@ class Instruments:
         metrics["layer_update_to_weight"] = np.array([to_float(v) for v in ratios.values()])
         metrics.update(self.probe())
         return metrics
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed run needs to log exactly what an uninterrupted one does: g_{t-1} for grad_cos_consecutive
+        when the next step probes ({"previous_grads": None} otherwise), as host copies that go to HDF5 bit for bit.
+        The fixed probe batches and seeds come from the config; `_before` lives only within one step."""
+        grads = self._previous_grads
+        return {"previous_grads": None if grads is None else {k: np.array(to_numpy(v), copy=True)
+                                                              for k, v in grads.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        grads = state.get("previous_grads")
+        if grads is None:
+            self._previous_grads = None
+            return
+        params = self.trainer.model.params
+        if set(grads) != set(params):
+            raise ValueError(f"instruments state has gradients for {sorted(grads)}, the model has {sorted(params)}")
+        be = self.trainer.backend
+        self._previous_grads = {k: be.asarray(grads[k], dtype=params[k].dtype) for k in params}
 
     def layer_names(self) -> str:
         names = [probes.layer_of(n) for n in self.trainer.model.params]

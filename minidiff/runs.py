@@ -290,6 +290,16 @@ class RunFile:
         self._attrs.update(status=status, status_message=message)
         self._rewrite()
 
+    def set_config(self, config: dict) -> None:
+        """Replace the stored config (e.g. `resume --steps` past the planned steps extends config["steps"]); flushes.
+        The caller vouches that the new config describes the same run: the checkpoint is kept as it is."""
+        self._require_writable()
+        try:
+            self._attrs["config"] = json.dumps(config)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config must be JSON-serialisable: {exc}") from None
+        self._rewrite()
+
     def set_attrs(self, **values) -> None:
         """Extra root attributes (strings or numbers, e.g. layer_names as JSON); written with the next flush."""
         self._require_writable()

@@ -150,6 +150,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict(),
                 "data_order": self.batches.state_dict(), "rng": self.rng.bit_generator.state,
                 "timestep_sampler": self.timestep_sampler.state_dict(), "train_time": self.train_time,
+                "instruments": self.instruments.state_dict(),
                 "accumulators": {"loss": to_numpy(acc["loss"]), "grad_norm": to_numpy(acc["grad_norm"]),
                                  "bucket_loss": to_numpy(acc["bucket_loss"]),
                                  "bucket_count": acc["bucket_count"].copy(), "steps": acc["steps"],
@@ -164,6 +165,8 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         self.timestep_sampler.load_state_dict(state["timestep_sampler"])
         self.train_time = float(state["train_time"])
+        if "instruments" in state:  # run files written before the instruments kept state have none
+            self.instruments.load_state_dict(state["instruments"])
         acc, be = state["accumulators"], self.backend
         self._acc = {"loss": be.asarray(acc["loss"]), "grad_norm": be.asarray(acc["grad_norm"]),
                      "bucket_loss": be.asarray(acc["bucket_loss"]),

@@ -3,7 +3,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import click._termui_impl
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -106,6 +108,89 @@ def test_train_then_resume_then_inspect_then_sample(tmp_path):
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _one_line_error(invoke("sample", out, "--n", "50", "--steps", "5", "--out", png), "already exists")
+
+
+def _checkpoint(path):
+    state = RunFile.open(path).load_checkpoint()
+    return {k: state[k] for k in ("step", "params", "optimizer", "ema", "rng", "data_order")}
+
+
+def _assert_bitwise_equal(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_resume_past_the_planned_steps_equals_a_run_planned_that_long(tmp_path):
+    straight, split = tmp_path / "straight.h5", tmp_path / "split.h5"
+    assert invoke("train", *FAST, "--steps", "12", "--out", straight).exit_code == 0
+    assert invoke("train", *FAST, "--out", split).exit_code == 0  # FAST plans 6 steps
+    result = invoke("resume", split, "--steps", "12", "-q")
+    assert result.exit_code == 0, result.output
+    _assert_bitwise_equal(_checkpoint(straight), _checkpoint(split))
+    assert RunFile.open(split).config["steps"] == 12  # inspect no longer says "12 logged / 6 planned"
+    assert "12 logged / 12 planned" in invoke("inspect", split).output
+
+
+@pytest.mark.parametrize("schedule", [["cosine"], ["warmup", "--warmup-steps", "10"]], ids=["cosine", "long-warmup"])
+def test_resume_past_the_plan_of_a_total_dependent_lr_schedule_is_refused_untouched(tmp_path, schedule):
+    out = tmp_path / "r.h5"
+    assert invoke("train", *FAST, "--lr-schedule", *schedule, "--out", out).exit_code == 0
+    before = out.read_bytes()
+    _one_line_error(invoke("resume", out, "--steps", "12"), schedule[0], "at most 6 steps", "--steps 12")
+    assert out.read_bytes() == before
+    assert invoke("resume", out, "--steps", "6").exit_code == 0  # up to the plan is fine
+
+
+def test_diverging_train_prints_one_error_line_no_warnings_and_marks_the_run_diverged(tmp_path):
+    out = tmp_path / "div.h5"
+    # a real process: pytest's own warning capture would hide the RuntimeWarnings this is about
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "cli.py"), "train", *FAST,
+                           "--optimizer", "sgd", "--lr", "1e6", "--out", str(out)], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 1, proc.stderr  # documented in `minidiff --help`: 1 = diverged
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert lines[0].startswith("training mlp") and len(lines) == 2, lines  # the header, then the one error line
+    assert lines[1].startswith("Error: training diverged") and "--lr" in lines[1]
+    run = RunFile.open(out)
+    assert run.status == "diverged" and run.attrs["status_message"] in lines[1]
+    assert "1    the run diverged" in invoke("--help").output
+
+
+def test_sample_progress_bar_shows_step_of_total_and_rate(tmp_path, monkeypatch):
+    out = tmp_path / "r.h5"
+    assert invoke("train", *FAST, "--out", out).exit_code == 0
+    monkeypatch.setattr(click._termui_impl, "isatty", lambda f: True)  # render the bar as on a terminal
+    result = invoke("sample", out, "--n", "8", "--steps", "4", "--out", tmp_path / "s.png")
+    assert result.exit_code == 0, result.output
+    assert "step 4/4" in result.output and " it/s" in result.output, result.output
+
+
+def test_config_file_may_set_out_overwrite_quiet_and_base_channels(tmp_path):
+    tiny_unet = {"dataset": "digits", "steps": 1, "timesteps": 50, "batch-size": 8, "eval_every": 0,
+                 "sample_count": 2, "sample_steps": 2, "probe_every": 0}
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({**tiny_unet, "out": str(tmp_path / "from-file.h5"), "overwrite": True, "quiet": True,
+                               "base-channels": 8}))
+    (tmp_path / "from-file.h5").write_bytes(b"old run")  # replaced: the file says overwrite
+    result = invoke("train", "--config", cfg)
+    assert result.exit_code == 0, result.output
+    assert "train" not in result.output.splitlines()  # quiet: no progress bar (off a terminal, just its label)
+    run = RunFile.open(tmp_path / "from-file.h5")
+    assert run.config["model_options"] == {"base_channels": 8}
+    assert run.load_checkpoint()["params"]["time_embed.0.weight"].shape == (32, 8)
+
+    other = tmp_path / "flag.h5"
+    result = invoke("train", "--config", cfg, "--out", other, "--base-channels", "16")
+    assert result.exit_code == 0, result.output  # the command line wins over the file
+    assert RunFile.open(other).config["model_options"] == {"base_channels": 16}
+    cfg.write_text(json.dumps({**tiny_unet, "overwrite": "yes"}))
+    _one_line_error(invoke("train", "--config", cfg, "--out", other), "overwrite", "yes")
 
 
 def test_console_script_and_python_cli_both_work():

@@ -206,6 +206,31 @@ def test_gradient_of_the_wrong_shape_is_refused_not_broadcast():
         SGD({"w": np.zeros((4, 5))}, lr=0.1).step({"w": np.ones(5)})
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=list(CONFIGS))
+@pytest.mark.parametrize("bad, error", [("shape", ValueError), ("missing", KeyError), ("host", TypeError)])
+def test_bad_last_gradient_leaves_every_parameter_and_all_state_untouched(config, bad, error):
+    name, hyper = CONFIGS[config]
+    be = get_backend("strict")  # its arrays refuse a host gradient, as CuPy's do
+    params = _params(be, np.random.default_rng(0))
+    opt = build_optimizer(name, params, **hyper)
+    good, bad_step = _grad_sequence(2)
+    opt.step(_on(be, good))  # non-zero buffers, step_count 1
+    before = (opt.state_dict(), {k: to_numpy(v).copy() for k, v in params.items()})
+    grads = _on(be, bad_step)
+    # "k" is the last parameter: the earlier ones were already updated when the step found it
+    grads["k"] = {"shape": be.asarray(np.ones(3)), "host": bad_step["k"]}.get(bad)
+    if bad == "missing":
+        del grads["k"]
+    with pytest.raises(error, match="k"):
+        opt.step(grads, diagnostics=True)
+    after = opt.state_dict()
+    assert opt.step_count == before[0]["step"] == 1
+    for k in SHAPES:
+        assert np.array_equal(to_numpy(params[k]), before[1][k])
+        for b, a in after["buffers"][k].items():
+            assert np.array_equal(a, before[0]["buffers"][k][b])
+
+
 def test_build_optimizer_maps_names_and_refuses_unknown_ones():
     p = {"x": np.zeros(3)}
     assert set(OPTIMIZERS) == {"sgd", "momentum", "nesterov", "adam", "adamw", "nadam"}

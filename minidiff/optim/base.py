@@ -150,15 +150,11 @@ class Optimizer:
         it absorbs g_t, so a negative value means the new gradient opposes the accumulated direction), plus the
         optimizer's own entries; `per_param=True` adds update_to_weight_per_param: name -> 0-d array.
         """
-        missing = [n for n in self.params if n not in grads]
-        if missing:
-            raise KeyError(f"grads has no entry for parameter(s) {missing}")
+        self._check_grads(grads)  # all of them before any update: a bad one must leave params and state untouched
         self.step_count += 1
         coef = self._coefficients()
         diag = Diagnostics(self._xp, per_param) if diagnostics else None
         for name, theta in self.params.items():
-            if grads[name].shape != theta.shape:  # `out[...] = grad` would broadcast a wrong shape silently
-                raise ValueError(f"gradient {name} has shape {grads[name].shape}, parameter has {theta.shape}")
             g, tmp, u = self._scratch[name]
             self._effective_grad(theta, grads[name], g)
             if diag is not None:
@@ -171,6 +167,20 @@ class Optimizer:
             self._diag_host(diag, coef)
             return diag.result()
         return None
+
+    def _check_grads(self, grads: dict) -> None:
+        """KeyError for a missing gradient, ValueError for a wrong shape, TypeError for another array module."""
+        missing = [n for n in self.params if n not in grads]
+        if missing:
+            raise KeyError(f"grads has no entry for parameter(s) {missing}")
+        for name, theta in self.params.items():
+            grad = grads[name]
+            if getattr(grad, "shape", None) != theta.shape:  # `out[...] = grad` would broadcast a wrong shape
+                raise ValueError(f"gradient {name} has shape {getattr(grad, 'shape', None)}, parameter has "
+                                 f"{theta.shape}")
+            if get_array_module(grad) is not self._xp:  # a host gradient for device parameters, or the reverse
+                raise TypeError(f"gradient {name} is a {type(grad).__name__}, parameter is a "
+                                f"{type(theta).__name__}; move it with backend.asarray first")
 
     def _effective_grad(self, theta, grad, out) -> None:
         """out = ±grad + λθ (PyTorch: `grad = -grad if maximize`, then `grad = grad + weight_decay * param`)."""
