@@ -25,7 +25,7 @@ import numpy as np
 from .backend import resolve_dtype
 from .datasets.base import DataError, Dataset, build_dataset, check_array, scale_images, to_model_layout
 from .datasets.batches import BatchIterator
-from .datasets.builtin import BUILTINS
+from .datasets.builtin import BUILTINS, FIXED_BUILTINS
 from .datasets.files import load_array_file, write_idx
 from .datasets.png import encode_png, make_grid, save_image_grid, to_uint8
 
@@ -53,13 +53,16 @@ def load_dataset(name_or_path=DEFAULT_DATASET, seed: int = 0, holdout: float = 0
                  **options) -> Dataset:
     """Load a built-in data set by name or a user file by path, split off `holdout` of it for evaluation.
 
-    seed drives both the generation of procedural sets and the train/test split (through independent streams of one
-    SeedSequence), so the same arguments give the same arrays bit for bit. options: `n`, `size` (shapes: 16 or 32),
+    seed drives the generation of procedural sets and their train/test split (independent streams of one
+    SeedSequence), so the same arguments give the same arrays bit for bit. Fixed data (the bundled digits, the
+    user's files) is split the same way whatever the seed (the split of seed 0): a run's evaluation data -- and the
+    reference of the digits' Frechet distance (minidiff.quality) -- is then held out from every run's training. options: `n`, `size` (shapes: 16 or 32),
     `noise` (point sets); `key`, `labels_key` (files holding several arrays). DataError on anything wrong.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed!r}")
     gen_seq, split_seq = np.random.SeedSequence(int(seed)).spawn(2)
+    fixed_split_seq = np.random.SeedSequence(0).spawn(2)[1]
     dtype = resolve_dtype(dtype)
     name = os.fspath(name_or_path) if isinstance(name_or_path, os.PathLike) else name_or_path
     if not isinstance(name, str):
@@ -79,7 +82,9 @@ def load_dataset(name_or_path=DEFAULT_DATASET, seed: int = 0, holdout: float = 0
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} "
                         "or give the path of a .npy/.npz/.h5/IDX file")
-    return build_dataset(name, x, labels, kind, holdout, np.random.default_rng(split_seq), dtype, meta, where)
+    procedural = name in BUILTINS and name not in FIXED_BUILTINS
+    split_rng = np.random.default_rng(split_seq if procedural else fixed_split_seq)
+    return build_dataset(name, x, labels, kind, holdout, split_rng, dtype, meta, where)
 
 
 def _check_labels(labels, n, where):
