@@ -3,9 +3,9 @@
     report = compare_runs(["runs/adam.h5", "runs/sgd.h5"], "cmp")   # cmp/report.md, cmp/figures/*.png
 
 Runs whose configs differ only by `seed` form one group: the curves show the mean over seeds with a band (+-1 std,
-and a fainter min-max), the table gives mean +- std [min, max]. Diverged runs are drawn (up to where they diverged)
-but left out of the final-number statistics, and counted in the table. A figure whose metrics no run recorded (probes
-off, an older or very short run) is skipped and listed in the report with the reason.
+and a fainter min-max), the table gives mean +- sample std [min, max]. Diverged runs are drawn (up to where they
+diverged) but left out of the final-number statistics, and counted in the table. A figure whose metrics no run
+recorded (probes off, an older or very short run) is skipped and listed in the report with the reason.
 
 This module loads, groups and summarises runs and writes the report; the figures are drawn by
 minidiff.compare_figures. matplotlib is an optional extra (`pip install 'minidiff[plots]'`); `summarize_groups` and
@@ -166,13 +166,18 @@ def final_numbers(run: RunData) -> dict:
 
 
 def stats(values) -> dict:
-    """mean, std (population), min, max and n of the finite values (NaN and n=0 when there are none)."""
+    """mean, sample std, min, max and n of the finite values (None, NaN and inf are dropped).
+
+    std is the sample standard deviation s = sqrt(sum (v_i - mean)^2 / (n - 1)) (ddof=1): with the few seeds a
+    study affords, the population std (divide by n) understates the spread by sqrt((n - 1) / n), 18% at n = 3.
+    n = 1 gives std NaN (one value has no spread); n = 0 gives NaN everywhere.
+    """
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
-            "n": int(v.size)}
+    std = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+    return {"mean": float(v.mean()), "std": std, "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
 
 
 def summarize_groups(groups) -> list:
@@ -233,7 +238,7 @@ def _fmt(x) -> str:
 
 
 def fmt_stats(s: dict | None) -> str:
-    """'m' for one value, 'm ± s [lo, hi]' for several, '—' for none."""
+    """'m' for one value, 'm ± s [lo, hi]' for several (s: sample std), '—' for none; a NaN field prints '—'."""
     if not s or s["n"] == 0:
         return "—"
     if s["n"] == 1:
@@ -286,7 +291,7 @@ def render_report(runs, groups, made, skipped, out_dir) -> str:
     seeds = sum(len(g.runs) > 1 for g in groups)
     lines = ["# Run comparison", "",
              f"{len(runs)} run(s) in {len(groups)} group(s)"
-             + (f"; {seeds} group(s) of seeds show mean ± std [min, max] over seeds, diverged runs excluded"
+             + (f"; {seeds} group(s) of seeds show mean ± sample std [min, max] over seeds, diverged runs excluded"
                 if seeds else "") + ".", "",
              f"Common settings (others at their defaults): {_common_settings(runs)}", "",
              "## Final numbers", ""] + _final_table(runs, groups) + [""]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minidiff.compare import (FINAL_ROWS, Group, MissingExtra, RunData, compare_runs, group_runs, summarize_groups,
-                              wall_times)
+from minidiff.compare import (FINAL_ROWS, Group, MissingExtra, RunData, compare_runs, fmt_stats, group_runs, stats,
+                              summarize_groups, wall_times)
 from minidiff.compare_figures import FIGURES, smooth, stack
 from minidiff.config import TrainConfig
 from minidiff.runs import RunFile
@@ -74,7 +74,8 @@ def test_report_table_groups_seeds_with_mean_std_and_range(report):
     assert {"adam (2 seeds)", "heavy-ball", "unet"} <= set(rows)
     losses = [RunFile.open(p).metrics()["loss"] for p in runs[:2]]
     finals = [np.mean(loss[np.isfinite(loss)][-FINAL_ROWS:]) for loss in losses]
-    assert f"{np.mean(finals):.4g} ± {np.std(finals):.4g} [{min(finals):.4g}, {max(finals):.4g}]" in rows["adam (2 seeds)"]
+    std = np.std(finals, ddof=1)  # the sample std
+    assert f"{np.mean(finals):.4g} ± {std:.4g} [{min(finals):.4g}, {max(finals):.4g}]" in rows["adam (2 seeds)"]
     assert "μ=0.9" in rows["heavy-ball"] and "β1=0.9" in rows["adam (2 seeds)"]
     fd = RunFile.open(runs[3]).metrics()["fd"]
     assert f"{np.nanmin(fd):.4g}" in rows["unet"]  # best fd of the image run
@@ -125,6 +126,29 @@ def test_diverged_runs_are_counted_but_left_out_of_the_final_loss():
     assert row["status"] == {"finished": 1, "diverged": 1}
     assert row["final_loss"]["n"] == 1 and row["final_loss"]["mean"] == pytest.approx(0.75)
     assert row["steps"]["n"] == 2
+
+
+def test_stats_reports_the_sample_std_not_the_population_std():
+    s = stats([1.0, 2.0, 3.0])
+    assert s["std"] == pytest.approx(1.0)  # population std would be sqrt(2/3) = 0.816
+    assert (s["mean"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    assert stats([1.0, 2.0])["std"] == pytest.approx(np.sqrt(0.5))
+
+
+def test_stats_drops_missing_and_nonfinite_values_before_counting():
+    s = stats([1.0, None, np.nan, 2.0, np.inf, 3.0])
+    assert s["n"] == 3 and s["std"] == pytest.approx(1.0)
+    empty = stats([None, np.nan])
+    assert empty["n"] == 0 and all(np.isnan(empty[k]) for k in ("mean", "std", "min", "max"))
+
+
+def test_one_value_has_nan_std_and_the_table_prints_no_nan():
+    s = stats([0.25])
+    assert s["n"] == 1 and np.isnan(s["std"]) and s["mean"] == 0.25
+    assert fmt_stats(s) == "0.25"
+    assert fmt_stats(stats([])) == "—"
+    assert fmt_stats({"mean": 1.0, "std": float("nan"), "min": 0.5, "max": 1.5, "n": 2}) == "1 ± — [0.5, 1.5]"
+    assert fmt_stats(stats([1.0, 2.0, 3.0])) == "2 ± 1 [1, 3]"
 
 
 def test_wall_time_uses_the_logged_metric_or_sums_step_time_between_log_rows():
