@@ -2,8 +2,8 @@
 
     made, skipped = draw_figures(groups, "cmp/figures")   # groups from minidiff.compare.group_runs
 
-Each group of seeds is drawn as its mean with a +-1 std band and a fainter min-max band. A figure whose metrics no
-run recorded is skipped, with the reason, for the report to list. matplotlib is an optional extra: it is imported
+Each group of seeds is drawn as its mean with a +-1 sample-std band and a fainter min-max band. A figure whose
+metrics no run recorded is skipped, with the reason, for the report to list. matplotlib is an optional extra: it is imported
 only when a figure is drawn, on `Figure` objects with the Agg canvas, never through pyplot, so the caller's
 (interactive) backend is left alone.
 """
@@ -34,10 +34,11 @@ def _figure(n_panels, ncols=3, size=(4.4, 3.3)):
 
 
 def _nan_stats(Y):
-    """Mean, std, min, max over axis 0, NaN where no run has a value (without the all-NaN warnings)."""
+    """Mean, sample std (ddof=1, as the tables), min, max over axis 0; NaN where no run (std: fewer than two runs)
+    has a value, without the all-NaN warnings."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(Y, 0), np.nanstd(Y, 0), np.nanmin(Y, 0), np.nanmax(Y, 0)
+        return np.nanmean(Y, 0), np.nanstd(Y, 0, ddof=1), np.nanmin(Y, 0), np.nanmax(Y, 0)
 
 
 def smooth(y, span):

@@ -31,7 +31,7 @@ def channel_sums(a):
     return xp.matmul(ones_row(a.shape[1], a), a).reshape(a.shape[0], a.shape[2])
 
 
-WIDE = 256   # target inner-loop length (elements) of the broadcast products; tests lower it to exercise 1 < k < S
+WIDE = 128   # target inner-loop length (elements) of the broadcast products; tests lower it to exercise 1 < k < S
 
 
 def _wide(x3):
@@ -104,7 +104,8 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False):
 # GroupNorm: with g = dh * gamma and M elements per group, dx = inv_std * (g - mean_grp(g) - x_hat * mean_grp(g x_hat)).
 # Both group means come from the per-channel sums sum_s dh and sum_s dh * x_hat (which are also dbeta and dgamma),
 # and x_hat = (x - mean) * inv_std, so dx = dh * A + x * B + D with per-(image, channel) coefficients
-# A = inv_std * gamma, B = -inv_std^2 * mean_grp(g x_hat), D = inv_std * (mean * inv_std * mean_grp(g x_hat) - mean_grp(g)).
+# A = inv_std * gamma, B = -inv_std^2 * mean_grp(g x_hat),
+# D = inv_std * (mean * inv_std * mean_grp(g x_hat) - mean_grp(g)).
 def group_norm_nhwc_backward(dout, cache):
     """dout like x -> dx, {"weight": dgamma (C,), "bias": dbeta (C,)}."""
     x, mean, inv_std, gamma, groups, dsilu = cache

@@ -328,8 +328,8 @@ def _results_markdown(rows, results, note) -> str:
     quality = [q for q in names if any(q in r for r in rows)]
     head = ["config", "seeds", "finished", "diverged", "final loss"] + [q.replace("_", " ") for q in quality]
     head += ["wall time (s)"]
-    lines = ["# Sweep results", "", "Per config: mean ± std [min, max] over seeds; diverged runs are counted, not "
-             "averaged. Figures: [report.md](report.md).", ""]
+    lines = ["# Sweep results", "", "Per config: mean ± sample std [min, max] over seeds; diverged runs are counted, "
+             "not averaged. Figures: [report.md](report.md).", ""]
     if note:
         lines += [note, ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

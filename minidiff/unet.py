@@ -139,8 +139,9 @@ class UNet(Denoiser):
     """DDPM UNet on (N, in_channels, H, W); H and W divisible by 2 ** (len(channel_mults) - 1). See the module doc.
 
     The defaults are a small model for 8x8 digits (177k parameters; the model of docs/momentum-study.md); use
-    channel_mults=(1, 2, 2) and more for 16x16 or 32x32 images. `groups` must divide base_channels * every mult, and should stay below it: with one
-    channel per group, GroupNorm removes every per-channel constant, including the timestep a ResBlock adds.
+    channel_mults=(1, 2, 2) and more for 16x16 or 32x32 images. `groups` must divide base_channels * every mult,
+    and should stay below it: with one channel per group, GroupNorm removes every per-channel constant, including
+    the timestep a ResBlock adds.
     """
 
     def __init__(self, in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
