@@ -16,18 +16,16 @@ Throughput: FLOPs of a unit counted from the layer shapes (`minidiff.flops`), ac
 = achieved / the matrix-multiply peak measured in the same run (best of 5 square float matmuls, 2048^3 on the CPU,
 8192^3 on a GPU, before each configuration; the best reading of the run counts, as load only lowers it).
 Threads: PyTorch gets as many threads as NumPy's BLAS uses (threadpoolctl), or `threads` for both.
-Memory: see `measure_memory`. `run_benchmarks` returns one dict per configuration; `format_table` prints them.
+Memory: `minidiff.bench_memory.measure_memory` (a fresh process per side). `run_benchmarks` returns one dict per configuration; `format_table` prints them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -177,104 +175,6 @@ def interleaved_times(units, warmup, repeats, sync, settle=0.0):
     return times
 
 
-# --- memory: one fresh process per measurement --------------------------------------------------------------------
-
-def _host_rss_kib(field_name):
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field_name + ":")).split()[1])
-
-
-def _memory_mark(backend, impl):
-    """Start a peak-memory measurement -> (how to read it, baseline MiB). How it is counted:
-
-    CPU: the process's resident set, which sees every allocator (NumPy's, PyTorch's, BLAS buffers). The kernel's
-    high-water mark is reset (5 to /proc/self/clear_refs) and VmRSS is the baseline; the peak is VmHWM. Where
-    clear_refs is refused, ru_maxrss is both (then an earlier, higher peak could hide the step's).
-    GPU: the caching allocators' reserved bytes, emptied of cached blocks first: CuPy's default pool total (the
-    pool only grows, so its size is its peak) and torch.cuda.max_memory_reserved.
-    """
-    if backend.name == "cupy":
-        backend.synchronize()
-        if impl == "torch":
-            import torch
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            read = torch.cuda.max_memory_reserved
-        else:
-            backend.xp.get_default_memory_pool().free_all_blocks()
-            read = backend.xp.get_default_memory_pool().total_bytes
-        return (lambda: (backend.synchronize(), read() / 2 ** 20)[1]), read() / 2 ** 20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return (lambda: _host_rss_kib("VmHWM") / 1024), _host_rss_kib("VmRSS") / 1024
-    except OSError:
-        import resource
-        read = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (KiB on Linux)
-        return read, read()
-
-
-def _warm_up(cfg, model, twin):
-    """One forward (+ backward for training) at batch 1 and an Adam step on a 1-element stand-in parameter: pages
-    in the library code (importing torch.optim alone adds ~70 MB) and starts the thread pools before the baseline,
-    so what is measured is the step's memory, not first-call set-up."""
-    x, t, _ = _host_batch(replace(cfg, batch=1))
-    if twin is None:
-        build_optimizer("adam", {"p": model.backend.xp.zeros(1)}).step({"p": model.backend.xp.ones(1)})
-        out = model.forward(model.backend.asarray(x, dtype=model.dtype), t, cache=not cfg.sample_steps)
-        if not cfg.sample_steps:
-            model.backward(out)
-        return
-    import torch
-    dev = next(twin.parameters()).device
-    p = torch.zeros(1, device=dev, requires_grad=True)
-    p.grad = torch.ones_like(p)
-    torch.optim.Adam([p]).step()
-    with torch.inference_mode(mode=bool(cfg.sample_steps)):
-        x = torch.as_tensor(x, dtype=getattr(torch, model.dtype.name), device=dev)
-        out = twin(x, torch.as_tensor(t, device=dev))
-    if not cfg.sample_steps:
-        out.sum().backward()
-        twin.zero_grad(set_to_none=True)
-
-
-def _probe(spec) -> dict:
-    """Body of the child process: build the model (and twin), start the meter, run warm-up + steps, report."""
-    cfg, impl = BenchConfig(**spec["config"]), spec["impl"]
-    backend = get_backend(spec["device"])
-    with limit_threads(spec["threads"]):
-        model = build_model(cfg, backend, spec["dtype"])
-        twin = None
-        if impl == "torch":
-            import torch
-            torch.set_num_threads(spec["torch_threads"])
-            twin = make_twin(model)
-        _warm_up(cfg, model, twin)
-        peak, base = _memory_mark(backend, impl)  # parameters are resident already; the rest comes after
-        unit = torch_unit(cfg, model, twin) if twin is not None else ours_unit(cfg, model)
-        for _ in range(spec["steps"]):
-            unit()
-        return {"peak_mem_mb": peak() - base}
-
-
-def measure_memory(cfg, impl, device="cpu", dtype="float32", threads=None, torch_threads=1, steps=2,
-                   timeout=900) -> float:
-    """Peak memory (MiB) of `steps` units of `cfg` by `impl` ("ours" | "torch") in a fresh Python process.
-
-    Counted: everything the units allocate beyond the already-resident parameters (the twin's and, in the torch
-    process, also ours, made before the baseline): gradients, optimizer state, the batch, activations and
-    workspace -- the same for both, so the numbers compare. A fresh process per measurement keeps one
-    implementation's allocator caches and high-water marks out of the other's. See `_memory_mark`.
-    """
-    spec = {"config": asdict(cfg), "impl": impl, "device": device, "dtype": dtype, "threads": threads,
-            "torch_threads": torch_threads, "steps": steps}
-    proc = subprocess.run([sys.executable, "-m", "minidiff.bench", json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory probe {cfg.name}/{impl} failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_mb"]
-
-
 # --- the benchmark --------------------------------------------------------------------------------------------------
 
 def _resolve_configs(configs):
@@ -332,6 +232,7 @@ def _bench_one(cfg, s: _Session, say) -> dict:
     if s.memory:
         say(f"{cfg.name}: peak memory, one fresh process each")
         try:  # a failed probe costs its column, not the timings already taken
+            from .bench_memory import measure_memory  # imports this module: only now, not at the top
             row["peak_mem_mb"] = measure_memory(cfg, "ours", **s.probe)
             if s.torch:
                 row["torch_peak_mem_mb"] = measure_memory(cfg, "torch", **s.probe)
@@ -417,7 +318,3 @@ def format_table(results) -> str:
     lines.append("ms: median per unit; ratio: ours / torch; peak: achieved GFLOP/s / matmul peak; "
                  "MiB: peak memory beyond the parameters")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # the memory probe's child process: python -m minidiff.bench '<json spec>'
-    print(json.dumps(_probe(json.loads(sys.argv[1]))))
