@@ -25,9 +25,13 @@ from .workspace import retain_freed_memory
 class Tape(list):
     """The caches of one forward pass: modules push one entry each, backward pops them in reverse."""
 
+    keeps = True   # layers may skip work that only a backward needs when False
+
 
 class NoTape:
     """Stands in for a Tape when nothing must be kept (forward(..., cache=False))."""
+
+    keeps = False
 
     def append(self, entry):
         pass

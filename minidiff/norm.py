@@ -62,11 +62,13 @@ def _group_means(per_channel_sums, groups, count):
     return per_channel_sums.reshape(N, groups, C // groups).sum(axis=2) / count
 
 
-def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False):
+def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=True):
     """GroupNorm (then SiLU if `silu`): x (N, *spatial, C), gamma/beta (C,) -> out like x, cache.
 
     mean, var = mean and biased variance of each (image, group), two-pass (the variance of x - mean);
     h = x_hat * gamma + beta with x_hat = (x - mean) / sqrt(var + eps); out = h, or h * sigmoid(h) with silu.
+    cache=False (a forward that will not be differentiated: sampling, evaluation) skips SiLU's derivative, three
+    of the forward's passes, and returns None for the cache.
     """
     xp = get_array_module(x)
     N, C = x.shape[0], x.shape[-1]
@@ -74,7 +76,7 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False):
     cg, count, k = C // groups, x3.shape[1] * (C // groups), _wide(x3)
     xw = x3.reshape(N, -1, k * C)                                            # wide rows (see the module doc)
     out = xp.empty_like(xw)
-    dsilu = xp.empty_like(xw) if silu else None   # 2 SiLU'(h), for the backward
+    dsilu = xp.empty_like(xw) if silu and cache else None   # 2 SiLU'(h), for the backward
     tmp = scratch("gn.tmp", xw.shape, xw)
     mean = _group_means(channel_sums(x3), groups, count)                    # (N, G)
     xp.subtract(xw, _per_channel(mean, cg, k), out=tmp)
@@ -86,6 +88,9 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False):
         half_h = xp.multiply(xw, _tiled(a * 0.5, k), out=tmp)
         half_h += _tiled(b * 0.5, k)
         t = xp.tanh(half_h, out=scratch("gn.t", xw.shape, xw))
+        if not cache:   # the same two operations as below, so both forwards agree bit for bit
+            t *= half_h
+            return xp.add(half_h, t, out=out).reshape(x.shape), None
         xp.multiply(half_h, t, out=dsilu)
         xp.add(half_h, dsilu, out=out)                                      # h s = h/2 + (h/2) t
         xp.subtract(half_h, dsilu, out=dsilu)                               # 2 SiLU'(h) = (1 + t)(1 + (h/2)(1 - t))
@@ -95,7 +100,7 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False):
     else:
         xp.multiply(xw, _tiled(a, k), out=out)
         out += _tiled(b, k)
-    return out.reshape(x.shape), (x, mean, inv_std, gamma, groups, dsilu)
+    return out.reshape(x.shape), ((x, mean, inv_std, gamma, groups, dsilu) if cache else None)
 
 
 # Let h = x_hat * gamma + beta and dh = dL/dh. With SiLU, out = h s, s = sigmoid(h) = (1 + t) / 2, t = tanh(h/2):

@@ -83,11 +83,13 @@ class ResBlock:
 
     def forward(self, p, x, temb_act, tape):
         n = self.name
-        h, c_n1 = group_norm_nhwc_forward(x, p[f"{n}.norm1.weight"], p[f"{n}.norm1.bias"], self.groups, silu=True)
+        h, c_n1 = group_norm_nhwc_forward(x, p[f"{n}.norm1.weight"], p[f"{n}.norm1.bias"], self.groups, silu=True,
+                                          cache=tape.keeps)
         h, c_c1 = conv2d_nhwc_forward(h, p[f"{n}.conv1.weight"], None, 1, 1)
         e, c_t = linear_forward(temb_act, p[f"{n}.temb_proj.weight"], p[f"{n}.temb_proj.bias"])
         h += (e + p[f"{n}.conv1.bias"])[:, None, None, :]   # conv1's bias and the timestep, in one pass
-        h, c_n2 = group_norm_nhwc_forward(h, p[f"{n}.norm2.weight"], p[f"{n}.norm2.bias"], self.groups, silu=True)
+        h, c_n2 = group_norm_nhwc_forward(h, p[f"{n}.norm2.weight"], p[f"{n}.norm2.bias"], self.groups, silu=True,
+                                          cache=tape.keeps)
         h, c_c2 = conv2d_nhwc_forward(h, p[f"{n}.conv2.weight"], p[f"{n}.conv2.bias"], 1, 1)
         c_skip = None
         if self.has_skip:
@@ -296,7 +298,8 @@ class UNet(Denoiser):
 
     def _out_forward(self, h, tape):
         p = self.params
-        h, c0 = group_norm_nhwc_forward(h, p["out_norm.weight"], p["out_norm.bias"], self.out_groups, silu=True)
+        h, c0 = group_norm_nhwc_forward(h, p["out_norm.weight"], p["out_norm.bias"], self.out_groups, silu=True,
+                                        cache=tape.keeps)
         h, c1 = conv2d_nhwc_forward(h, p["out_conv.weight"], p["out_conv.bias"], 1, 1)
         tape.append((c0, c1))
         return h

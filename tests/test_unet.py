@@ -215,3 +215,13 @@ def test_package_import_does_not_need_torch():
     code = ("import sys; sys.modules['torch'] = None; import minidiff.models, minidiff.torch_twin; "
             "minidiff.models.build_model('unet', base_channels=8, groups=4)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_forward_without_cache_gives_the_same_output_as_the_training_forward(cpu_backend):
+    """cache=False skips the work only a backward needs (SiLU's derivative in GroupNorm): the output must not move."""
+    model = UNet(base_channels=8, groups=4, device=cpu_backend, seed=3)
+    model.params["out_conv.weight"][...] = 0.1   # DDPM's zero output layer would hide any difference
+    x, t = _run(model, shape=(3, 1, 8, 8))
+    kept, lean = model.forward(x, t), model.forward(x, t, cache=False)
+    np.testing.assert_array_equal(to_numpy(lean), to_numpy(kept))
+    assert model.backward(x)   # the lean forward left the training forward's tape alone
