@@ -22,6 +22,7 @@ OPTIMIZER_NAMES = tuple(DEFAULT_LR)
 MODEL_NAMES = ("auto", "unet", "mlp")
 TIMESTEP_SAMPLING = ("uniform", "loss_aware")
 DEVICES = ("cpu", "gpu", "auto", "strict")
+CAPPED_DEFAULTS = {"sample_steps": 25, "timestep_buckets": 10, "probe_buckets": 5, "eval_steps": 25}
 
 
 @dataclass
@@ -67,18 +68,26 @@ class TrainConfig:
     ckpt_every: int = 500
     sample_every: int = 500
     sample_count: int = 64
-    sample_steps: int = 25
-    timestep_buckets: int = 10
+    sample_steps: int | None = None       # None: 25, or timesteps if fewer (so is every None below)
+    timestep_buckets: int | None = None   # None: 10
     # study instruments (minidiff.instruments); 0 turns a kind off
     probe_every: int = 250
-    probe_buckets: int = 5
+    probe_buckets: int | None = None      # None: 5
     probe_batch: int = 64
     noise_scale_micro_batches: int = 4
     eval_every: int = 500
     eval_samples: int = 256
-    eval_steps: int = 25
+    eval_steps: int | None = None         # None: 25
 
     # --- derived ---------------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        # counts that may not exceed `timesteps` default to their usual value capped at it, so `--timesteps 10`
+        # works without also lowering four other options; a value given explicitly is checked, not capped
+        t = self.timesteps if isinstance(self.timesteps, int) and self.timesteps >= 2 else None
+        for name, default in CAPPED_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default if t is None else min(default, t))
+
     @property
     def resolved_lr(self) -> float:
         return DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
