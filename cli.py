@@ -5,22 +5,21 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import click
-import numpy as np
 from click.core import ParameterSource
 
 from minidiff import __version__, bench, optim_demo
 from minidiff.backend import BackendError
 from minidiff.compare import MissingExtra, compare_runs
-from minidiff.config import (DEFAULT_LR, DEVICES, MODEL_NAMES, OPTIMIZER_NAMES, TIMESTEP_SAMPLING, TrainConfig,
-                             default_run_path, load_config_file)
+from minidiff.config import (DEFAULT_LR, DEVICES, MODEL_NAMES, OPTIMIZER_NAMES, TIMESTEP_SAMPLING, default_run_path,
+                             load_config_file)
 from minidiff.data import DATASETS, DataError
 from minidiff.diffusion import PREDICTIONS, WEIGHTINGS
-from minidiff.lr_schedules import LR_SCHEDULES, make_lr_schedule
-from minidiff.run_tools import sample_png, summarize, write_latest_samples_png
+from minidiff.lr_schedules import LR_SCHEDULES
+from minidiff.run_tools import (config_from_options, evaluate_run, format_evaluation, sample_png, summarize,
+                                write_latest_samples_png)
 from minidiff.runs import RunFile, RunFileError
 from minidiff.schedules import SCHEDULES
 from minidiff.sweep import run_sweep, sweep_points
@@ -33,7 +32,7 @@ def main():
     """minidiff: diffusion models from scratch on NumPy/CuPy, no autograd.
 
     \b
-    Exit status of train and resume:
+    Exit status of train and resume (evaluate, sample, inspect: 0 or 2):
       0    the run reached its steps (status "finished")
       1    the run diverged: one line says so; the file is marked "diverged" and keeps its last good checkpoint
       2    bad input (an option, a --config file, data, a damaged run file): one line, nothing written
@@ -128,17 +127,19 @@ def _train_options(f):
         click.option("--log-every", type=int, help="Log metrics every N steps. [default: 50]"),
         click.option("--ckpt-every", type=int, help="Checkpoint every N steps. [default: 500]"),
         click.option("--sample-every", type=int, help="Save EMA samples every N steps. [default: 500]"),
+        click.option("--probe-every", type=click.IntRange(min=0), help="Run the study's probes (per-timestep-bucket "
+                     "gradients and their cosines, noise scale, momentum alignment) every N steps; 0 = off. "
+                     "[default: 250]"),
+        click.option("--probe-buckets", type=click.IntRange(min=1), help="Timestep buckets the probes split t into. "
+                                                                         "[default: 5]"),
+        click.option("--eval-every", type=click.IntRange(min=0), help="Measure sample quality from the EMA weights "
+                     "every N steps (as minidiff evaluate does); 0 = off. [default: 500]"),
+        click.option("--eval-samples", type=click.IntRange(min=2), help="Samples per evaluation (FD grows as they "
+                     "shrink: compare runs at equal counts). [default: 256]"),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
-
-
-def _read_config_file(config_file) -> dict:
-    try:
-        return load_config_file(config_file) if config_file else {}
-    except ValueError as exc:
-        raise BadInput(str(exc)) from None
 
 
 def _from_file(ctx, name, value, file_values, kind):
@@ -148,28 +149,8 @@ def _from_file(ctx, name, value, file_values, kind):
     if in_file is None or ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
         return value
     if not isinstance(in_file, kind):
-        raise BadInput(f"{name} in the config file must be a {kind.__name__}, got {in_file!r}")
+        raise ValueError(f"{name} in the config file must be a {kind.__name__}, got {in_file!r}")
     return in_file
-
-
-def _build_config(file_values, options) -> TrainConfig:
-    """TrainConfig defaults <- the --config file <- options given on the command line; BadInput if invalid."""
-    try:
-        values = dict(file_values)
-        base_channels = options.pop("base_channels")
-        if base_channels is None:
-            base_channels = values.pop("base_channels", None)
-        values.pop("base_channels", None)
-        values.update({k: v for k, v in options.items() if v is not None})
-        if base_channels is not None:
-            values["model_options"] = dict(values.get("model_options", {}), base_channels=base_channels)
-        if values.get("grad_clip") == 0:
-            values["grad_clip"] = None
-        if values.get("device") is None:
-            values["device"] = os.environ.get("MINIDIFF_DEVICE", "cpu")
-        return TrainConfig.from_dict(values)
-    except (ValueError, TypeError) as exc:
-        raise BadInput(str(exc)) from None
 
 
 @main.command("train", cls=_OneLineUsageErrors)
@@ -184,11 +165,14 @@ def train_command(ctx, config_file, out, overwrite, quiet, **options):
 
     Exit status: 0 finished, 1 diverged, 2 bad input, 130 interrupted (see minidiff --help).
     """
-    file_values = _read_config_file(config_file)
-    out = _from_file(ctx, "out", out, file_values, str)
-    overwrite = _from_file(ctx, "overwrite", overwrite, file_values, bool)
-    quiet = _from_file(ctx, "quiet", quiet, file_values, bool)
-    config = _build_config(file_values, options)
+    try:
+        file_values = load_config_file(config_file) if config_file else {}
+        out = _from_file(ctx, "out", out, file_values, str)
+        overwrite = _from_file(ctx, "overwrite", overwrite, file_values, bool)
+        quiet = _from_file(ctx, "quiet", quiet, file_values, bool)
+        config = config_from_options(file_values, options)
+    except (ValueError, TypeError) as exc:
+        raise BadInput(str(exc)) from None
     out = Path(out or default_run_path(config))
     if out.exists() and not overwrite:
         raise BadInput(f"{out} already exists; pass --overwrite to replace it or --out to choose another")
@@ -202,8 +186,7 @@ def train_command(ctx, config_file, out, overwrite, quiet, **options):
 
 
 def _report_done(out):
-    with _quiet_float_errors():
-        png = write_latest_samples_png(out)
+    png = write_latest_samples_png(out)
     click.echo(f"done: {out}" + (f"\n  samples (EMA, DDIM): {png}" if png else "")
                + f"\n  more samples:        minidiff sample {out} --n 64 --out {Path(out).stem}-grid.png"
                + f"\n  inspect the run:     minidiff inspect {out}")
@@ -224,9 +207,7 @@ def resume_command(run_file, steps, quiet):
     Exit status: 0 finished, 1 diverged, 2 bad input, 130 interrupted (see minidiff --help).
     """
     with _friendly_errors():
-        if steps is not None:
-            _extend_planned_steps(run_file, steps)
-        trainer, run = resume_run(run_file)
+        trainer, run = resume_run(run_file, steps)
     until = steps or trainer.config.steps
     if trainer.step >= until:
         run.set_status("finished", f"trained to step {trainer.step}")
@@ -235,40 +216,6 @@ def resume_command(run_file, steps, quiet):
     click.echo(f"resuming {run_file} at step {trainer.step} -> {until}", err=True)
     _run_training(trainer, run, until, quiet)
     _report_done(run_file)
-
-
-def _lr_schedule(config):
-    # built as minidiff.train.Trainer builds it
-    return make_lr_schedule(config.lr_schedule, config.resolved_lr, config.steps,
-                            warmup_steps=min(config.warmup_steps, config.steps))
-
-
-def _extend_planned_steps(run_file, steps):
-    """Store `steps` as the run's planned total before resuming past it, so the run continues as one planned that
-    long; BadInput (file untouched) when the steps already taken had learning rates that depend on the total."""
-    planned = RunFile.open(run_file)
-    config = TrainConfig.from_dict(planned.config)
-    if steps <= config.steps or planned.checkpoint_step is None:  # nothing to extend, or nothing to resume from
-        return
-    extended = config.replace(steps=steps)
-    old, new = _lr_schedule(config), _lr_schedule(extended)
-    if any(old(k) != new(k) for k in range(planned.checkpoint_step)):
-        raise BadInput(f"--steps {steps} is past the {config.steps} steps {run_file} was planned for, and its lr "
-                       f"schedule {config.lr_schedule!r} depends on the total, so the steps already taken would not "
-                       f"match a {steps}-step run; resume to at most {config.steps} steps, or start a new run with "
-                       f"minidiff train --steps {steps}")
-    RunFile.open(run_file, mode="a").set_config(extended.to_dict())
-
-
-@contextlib.contextmanager
-def _quiet_float_errors():
-    """No NumPy overflow/invalid-value warnings while training or sampling: a diverging run says so in one line
-    (non-finite values are detected anyway). The filter also covers minidiff.parallel's worker threads, which do not
-    inherit np.errstate."""
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=RuntimeWarning,
-                                message="(overflow|invalid value|divide by zero|underflow) encountered")
-        yield
 
 
 def _run_training(trainer, run, until, quiet):
@@ -287,8 +234,7 @@ def _run_training(trainer, run, until, quiet):
                 shown["loss"] = metrics["loss"]
             bar.update(1, step)
         try:
-            with _quiet_float_errors():
-                trainer.train(run, until, progress=progress)
+            trainer.train(run, until, progress=progress)
         except TrainingDiverged as exc:
             raise RunDiverged(str(exc)) from None
         except TrainingInterrupted as exc:
@@ -306,8 +252,7 @@ def _run_training(trainer, run, until, quiet):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="PNG to write. [default: RUN_FILE with .png]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing PNG.")
-@click.pass_context
-def sample_command(ctx, run_file, n, sampler, steps, eta, ema, seed, out, overwrite):
+def sample_command(run_file, n, sampler, steps, eta, ema, seed, out, overwrite):
     """Sample from a run's checkpoint and write a PNG grid (images) or scatter (2-D points)."""
     out = Path(out or Path(run_file).with_suffix(".png"))
     if out.exists() and not overwrite:
@@ -328,9 +273,8 @@ def sample_command(ctx, run_file, n, sampler, steps, eta, ema, seed, out, overwr
                     bar.length, done["n"], done["t0"] = count, count, time.perf_counter()
                 done["i"] = i + 1
                 bar.update(1)
-            with _quiet_float_errors():
-                info = sample_png(run_file, out, n=n, sampler=sampler, num_steps=steps, eta=eta, use_ema=ema,
-                                  seed=seed, progress=progress, overwrite=overwrite)
+            info = sample_png(run_file, out, n=n, sampler=sampler, num_steps=steps, eta=eta, use_ema=ema, seed=seed,
+                              progress=progress, overwrite=overwrite)
     click.echo(f"{info['n']} samples from step {info['step']} ({sampler}) -> {out}")
 
 
@@ -342,8 +286,26 @@ def inspect_command(run_file):
         click.echo(summarize(run_file))
 
 
-# --- comparison and sweeps ------------------------------------------------------------------------------------------
+@main.command("evaluate", cls=_OneLineUsageErrors)
+@click.argument("run_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--n", "n", type=click.IntRange(min=2), help="Samples. [default: the run's eval_samples, 256]")
+@click.option("--steps", type=click.IntRange(min=1), help="DDIM steps. [default: the run's eval_steps, 25]")
+@click.option("--seed", type=click.IntRange(min=0), help="Sampling seed. [default: the run's seed + 3000, as its "
+                                                         "own evaluations]")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Sample from the EMA weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate_command(run_file, n, steps, seed, ema, as_json):
+    """Sample quality of a run's checkpoint, between its floor (real data) and ceiling (noise) at the same count.
 
+    Digits: Frechet distance in the shipped classifier's feature space; 2-D points: sliced Wasserstein distance.
+    The defaults reproduce the run's own last evaluation (metrics fd / swd in the run file).
+    """
+    with _friendly_errors():
+        result = evaluate_run(run_file, n=n, num_steps=steps, seed=seed, use_ema=ema)
+    click.echo(json.dumps(result, indent=1) if as_json else format_evaluation(result))
+
+
+# --- comparison and sweeps ------------------------------------------------------------------------------------------
 
 @main.command("compare", cls=_OneLineUsageErrors)
 @click.argument("run_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
@@ -380,10 +342,7 @@ def sweep_command(grid_file, optimizers, lrs, beta1s, momenta, seeds, steps, dat
     base = {k: v for k, v in (("steps", steps), ("dataset", dataset)) if v is not None}
     base.setdefault("device", os.environ.get("MINIDIFF_DEVICE", "cpu"))
     with _friendly_errors():
-        try:
-            points = sweep_points(grid_file, base=base, axes=axes, seeds=seeds)
-        except ValueError as exc:
-            raise BadInput(str(exc)) from None
+        points = sweep_points(grid_file, base=base, axes=axes, seeds=seeds)  # ValueError: one line, exit 2
         click.echo(f"sweep: {len(points)} runs -> {out}", err=True)
 
         def progress(done, total, r):

@@ -1,4 +1,5 @@
-"""What the CLI does with an existing run file: rebuild its model, sample a PNG from it, summarise it as text."""
+"""What the CLI does beyond parsing: build a TrainConfig from options, rebuild a run's model, sample a PNG from it,
+evaluate its sample quality, summarise it as text."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import quality
 from .config import TrainConfig
 from .data import save_image_grid
 from .runs import RunFile
@@ -27,6 +29,29 @@ def load_trainer(path) -> tuple[Trainer, RunFile]:
     return trainer, run
 
 
+def config_from_options(file_values: dict, options: dict) -> TrainConfig:
+    """TrainConfig defaults <- a --config file's values <- the options given on the command line (None = not given).
+
+    base_channels is a shortcut for model_options["base_channels"]; grad_clip 0 means no clipping; the device
+    defaults to $MINIDIFF_DEVICE, else cpu. ValueError or TypeError when a value is invalid.
+    """
+    import os
+
+    values, options = dict(file_values), dict(options)
+    base_channels = options.pop("base_channels", None)
+    if base_channels is None:
+        base_channels = values.get("base_channels")
+    values.pop("base_channels", None)
+    values.update({k: v for k, v in options.items() if v is not None})
+    if base_channels is not None:
+        values["model_options"] = dict(values.get("model_options", {}), base_channels=base_channels)
+    if values.get("grad_clip") == 0:
+        values["grad_clip"] = None
+    if values.get("device") is None:
+        values["device"] = os.environ.get("MINIDIFF_DEVICE", "cpu")
+    return TrainConfig.from_dict(values)
+
+
 def sample_png(path, out, n=64, sampler="ddim", num_steps=50, eta=0.0, use_ema=True, seed=0, progress=None,
                overwrite=False) -> dict:
     """Draw n samples from the run at `path` and write them to the PNG `out`; returns a summary dict."""
@@ -42,6 +67,81 @@ def sample_png(path, out, n=64, sampler="ddim", num_steps=50, eta=0.0, use_ema=T
     else:
         save_point_scatter(x, trainer.dataset.test, out)
     return {"step": run.checkpoint_step, "n": n, "sampler": sampler, "out": str(out)}
+
+
+def quality_metric(dataset) -> str | None:
+    """The sample-quality metric a run's data has, as minidiff.instruments logs it during training: "fd" for the
+    bundled 8x8 digits, "swd" for point sets, None for anything else (no feature space to measure images in)."""
+    if dataset.kind == "points":
+        return "swd"
+    if dataset.name == "digits" and dataset.shape == (1, 8, 8):
+        return "fd"
+    return None
+
+
+def evaluate_run(path, n=None, num_steps=None, seed=None, use_ema=True) -> dict:
+    """Sample quality of the run at `path`, with the levels it is read against at the same sample count.
+
+    n DDIM samples (num_steps steps, eta 0) from the checkpoint's EMA (or raw) weights; n, num_steps and seed default
+    to the run's own evaluations (eval_samples, eval_steps, its seed + 3000), so a finished run's last logged value is
+    reproduced exactly. Returns metric ("fd": Frechet distance to the held-out digits in the shipped classifier's
+    feature space, or "swd": sliced Wasserstein distance to the held-out points), value, floor (n real training
+    samples: a perfect generator), ceiling (n noise samples: N(0, 1) clipped to [-1, 1] for images, N(0, I) for
+    the standardised points) and the settings. ValueError when the data has no metric.
+    """
+    trainer, run = load_trainer(path)
+    c, ds = trainer.config, trainer.dataset
+    metric = quality_metric(ds)
+    if metric is None:
+        raise ValueError(f"{path}: no sample-quality metric for dataset {c.dataset!r} ({ds.kind} of shape "
+                         f"{ds.shape}); evaluate measures the bundled 8x8 digits (Frechet distance) and point "
+                         f"sets (sliced Wasserstein) -- use minidiff sample to look at the samples")
+    n = c.eval_samples if n is None else int(n)
+    num_steps = c.eval_steps if num_steps is None else int(num_steps)
+    seed = c.seed + 3000 if seed is None else int(seed)
+    if n < 2 or not 1 <= num_steps <= c.timesteps:
+        raise ValueError(f"need n >= 2 and 1 <= steps <= {c.timesteps} (the run's timesteps), got n={n}, "
+                         f"steps={num_steps}")
+    x = trainer.sample(n, num_steps=num_steps, seed=seed, use_ema=use_ema)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: samples from the {'EMA' if use_ema else 'raw'} weights at step "
+                         f"{run.checkpoint_step} hold NaN or Inf values; there is no quality to measure")
+    if metric == "fd":
+        levels = quality.reference_levels(num_samples=n, seed=0)
+        value, floor, ceiling, held_out = (quality.digits_fd(x), levels["floor_subsample"], levels["ceiling"],
+                                           levels["num_heldout"])
+    else:
+        value, floor, ceiling = _point_levels(x, ds)
+        held_out = len(ds.test)
+    return {"run": str(path), "step": run.checkpoint_step, "dataset": c.dataset, "metric": metric, "value": value,
+            "floor": floor, "ceiling": ceiling, "n": n, "steps": num_steps, "seed": seed, "ema": bool(use_ema),
+            "held_out": held_out}
+
+
+def _point_levels(x, ds) -> tuple[float, float, float]:
+    """(SWD of x, of len(x) training points, of len(x) N(0, I) points) to the held-out points; projections seed 0,
+    as minidiff.instruments uses."""
+    if len(ds.test) == 0:
+        raise ValueError(f"dataset {ds.name!r} has no held-out points to compare with (holdout is 0)")
+    rng = np.random.default_rng(0)
+    n = len(x)
+    real = ds.train[rng.choice(len(ds.train), size=n, replace=n > len(ds.train))]
+    noise = rng.standard_normal((n,) + ds.shape)
+    return tuple(quality.sliced_wasserstein(a, ds.test, seed=0) for a in (x, real, noise))
+
+
+def format_evaluation(r: dict) -> str:
+    """The text `minidiff evaluate` prints: the value between its floor and ceiling, each saying what it is."""
+    h = r["held_out"]
+    what = (f"Frechet distance to the {h} held-out digits in the digits classifier's feature space"
+            if r["metric"] == "fd" else f"sliced Wasserstein distance to the {h} held-out points")
+    real, noise = ("digits", "noise images") if r["metric"] == "fd" else ("points", "N(0, I) points")
+    return "\n".join([
+        f"{r['run']} at step {r['step']}, {'EMA' if r['ema'] else 'raw'} weights: {r['n']} DDIM samples "
+        f"({r['steps']} steps, seed {r['seed']})",
+        f"  {r['metric']:<8}{_fmt(r['value']):>9}  {what}",
+        f"  {'floor':<8}{_fmt(r['floor']):>9}  {r['n']} real training {real} (a perfect generator at this count)",
+        f"  {'ceiling':<8}{_fmt(r['ceiling']):>9}  {r['n']} {noise}"])
 
 
 def save_point_scatter(points, reference, out) -> None:

@@ -12,10 +12,12 @@ its last good checkpoint, which was checked the same way before it was written).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import signal
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -63,6 +65,23 @@ def model_spec(config: TrainConfig, dataset) -> tuple[str, dict]:
     return name, options
 
 
+def build_lr_schedule(config: TrainConfig):
+    """The learning rate at each step of a run planned for config.steps steps (the warm-up capped at the plan)."""
+    return make_lr_schedule(config.lr_schedule, config.resolved_lr, config.steps,
+                            warmup_steps=min(config.warmup_steps, config.steps))
+
+
+@contextlib.contextmanager
+def quiet_float_errors():
+    """No NumPy overflow/invalid-value warnings: a diverging run says so in one line (non-finite values are caught at
+    log and checkpoint steps anyway), and a sweep of many runs does not print pages of them. The warnings filter also
+    covers minidiff.parallel's worker threads, which do not inherit np.errstate."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                message="(overflow|invalid value|divide by zero|underflow) encountered")
+        yield
+
+
 class Trainer:
     """Holds every piece of a run's state; `train(run, until_step)` advances it and records it."""
 
@@ -78,8 +97,7 @@ class Trainer:
         T = config.timesteps
         self.timestep_sampler = LossAwareSampler(T) if config.timestep_sampling == "loss_aware" else UniformSampler(T)
         self.optimizer = build_optimizer(config.optimizer, self.model.params, **config.optimizer_hyperparameters())
-        self.lr_schedule = make_lr_schedule(config.lr_schedule, config.resolved_lr, config.steps,
-                                            warmup_steps=min(config.warmup_steps, config.steps))
+        self.lr_schedule = build_lr_schedule(config)
         self.ema = EMA(self.model.params, decay=config.ema_decay, warmup=config.ema_warmup)
         # Separate streams: data order, and (t, noise). Sampling for figures uses its own fixed seed.
         self.batches = BatchIterator(self.dataset.train, config.batch_size, seed=config.seed)
@@ -192,22 +210,23 @@ class Trainer:
                       clip_x0=1.0 if self.dataset.kind == "image" else None, progress=progress)
         model_fn = lambda x_t, t: model.forward(x_t, t, cache=False)  # noqa: E731
         shape = (n,) + self.dataset.shape
-        if sampler == "ddpm":
-            x = ddpm_sample(model_fn, self.schedule, shape, **common)
-        elif sampler == "ddim":
-            x = ddim_sample(model_fn, self.schedule, shape, num_steps=num_steps, eta=eta, **common)
-        else:
+        if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
-        return to_numpy(x)
+        with quiet_float_errors():
+            if sampler == "ddpm":
+                x = ddpm_sample(model_fn, self.schedule, shape, **common)
+            else:
+                x = ddim_sample(model_fn, self.schedule, shape, num_steps=num_steps, eta=eta, **common)
+            return to_numpy(x)
 
     # --- the loop --------------------------------------------------------------------------------------------------
     def train(self, run, until_step: int, progress=None) -> None:
         """Train to `until_step`, logging, checkpointing and sampling into `run` (a writable RunFile).
 
         progress(step, metrics_or_None) is called after every step. Raises TrainingDiverged or TrainingInterrupted
-        after recording them in the run file; on success the status is "finished".
+        after recording them in the run file; on success the status is "finished". NumPy's floating-point warnings
+        are silenced while it runs (quiet_float_errors).
         """
-        c = self.config
         stop = {"signal": None}
 
         def handler(signum, frame):
@@ -217,40 +236,46 @@ class Trainer:
         in_main = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
         try:
-            while self.step < until_step:
-                t0 = time.perf_counter()
-                # Logs and samples follow the run's grid (and its planned end), not where this call stops, so a
-                # resumed run records exactly what an uninterrupted one does; the accumulators carry over.
-                log_now = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
-                diag, pending = self.train_step(diagnostics=log_now)
-                elapsed = time.perf_counter() - t0  # CPU wall time; on a GPU the log's sync settles it
-                self._acc["time"] += elapsed
-                self.train_time += elapsed
-                metrics = self.instruments.after_step(self.step, pending)
-                if log_now:
-                    metrics.update(self.collect_metrics(diag), wall_time=self.train_time)
-                if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
-                    metrics.update(self.instruments.evaluate())
-                if metrics:
-                    run.log(self.step, **metrics)
-                    if log_now:  # a rewrite costs ~15 ms: cheap enough that `inspect` and a crash see every log
-                        run.flush()
-                if log_now and not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-                    self._diverged(run, metrics)
-                if self.step % c.sample_every == 0 or self.step == c.steps:
-                    self._add_samples(run)
-                if self.step % c.ckpt_every == 0 or self.step == until_step:
-                    self.checkpoint(run)
-                if progress is not None:
-                    progress(self.step, metrics if log_now else None)
-                if stop["signal"] is not None:
-                    self.checkpoint(run)
-                    run.set_status("interrupted", f"stopped by signal {stop['signal']} at step {self.step}")
-                    raise TrainingInterrupted(f"interrupted at step {self.step}; a checkpoint was written")
+            with quiet_float_errors():
+                self._train_until(run, until_step, progress, stop)
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
         run.set_status("finished", f"trained to step {self.step}")
+
+    def _train_until(self, run, until_step, progress, stop) -> None:
+        """The loop of `train`; stop["signal"] is set by its signal handler."""
+        c = self.config
+        while self.step < until_step:
+            t0 = time.perf_counter()
+            # Logs and samples follow the run's grid (and its planned end), not where this call stops, so a
+            # resumed run records exactly what an uninterrupted one does; the accumulators carry over.
+            log_now = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
+            diag, pending = self.train_step(diagnostics=log_now)
+            elapsed = time.perf_counter() - t0  # CPU wall time; on a GPU the log's sync settles it
+            self._acc["time"] += elapsed
+            self.train_time += elapsed
+            metrics = self.instruments.after_step(self.step, pending)
+            if log_now:
+                metrics.update(self.collect_metrics(diag), wall_time=self.train_time)
+            if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
+                metrics.update(self.instruments.evaluate())
+            if metrics:
+                run.log(self.step, **metrics)
+                if log_now:  # a rewrite costs ~15 ms: cheap enough that `inspect` and a crash see every log
+                    run.flush()
+            if log_now and not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                self._diverged(run, metrics)
+            if self.step % c.sample_every == 0 or self.step == c.steps:
+                self._add_samples(run)
+            if self.step % c.ckpt_every == 0 or self.step == until_step:
+                self.checkpoint(run)
+            if progress is not None:
+                progress(self.step, metrics if log_now else None)
+            if stop["signal"] is not None:
+                self.checkpoint(run)
+                run.set_status("interrupted", f"stopped by signal {stop['signal']} at step {self.step}")
+                raise TrainingInterrupted(f"interrupted at step {self.step}; a checkpoint was written")
 
     def checkpoint(self, run) -> None:
         if not self.params_finite():
@@ -287,12 +312,30 @@ def start_run(config: TrainConfig, path, command_line: str = "", overwrite: bool
     return trainer, run
 
 
-def resume_run(path):
-    """Reopen a run file and rebuild its Trainer at the checkpoint; returns (trainer, run)."""
+def resume_run(path, steps: int | None = None):
+    """Reopen a run file and rebuild its Trainer at the checkpoint; returns (trainer, run).
+
+    steps: the total the caller will train to. Past the run's planned steps, the plan is extended first (the file's
+    config then says `steps`), so logs, samples and the end follow the new total and the run continues as one
+    planned that long. ValueError, file untouched, when the learning rates of the steps already taken depend on the
+    total (cosine, warmup_cosine, a warm-up longer than the plan): they would not match a run planned that long.
+    """
     from .runs import RunFile
 
     run = RunFile.open(path, mode="a")
+    config = TrainConfig.from_dict(run.config)
+    done = run.checkpoint_step
+    if steps is not None and steps > config.steps and done is not None:  # no checkpoint: resume() says so below
+        extended = config.replace(steps=steps)
+        old, new = build_lr_schedule(config), build_lr_schedule(extended)
+        if any(old(k) != new(k) for k in range(done)):
+            raise ValueError(f"--steps {steps} is past the {config.steps} steps {path} was planned for, and its lr "
+                             f"schedule {config.lr_schedule!r} depends on the total, so the steps already taken would "
+                             f"not match a {steps}-step run; resume to at most {config.steps} steps, or start a new "
+                             f"run with minidiff train --steps {steps}")
+        run.set_config(extended.to_dict())
+        config = extended
     state = run.resume()  # RunFileError when the file is damaged or holds no checkpoint
-    trainer = Trainer(TrainConfig.from_dict(run.config))
+    trainer = Trainer(config)
     trainer.load_state_dict(state)
     return trainer, run

@@ -61,9 +61,13 @@ def bad_files(tmp_path):
     (["train", "--config", "{d}/none.json"], ["none.json"]),
     (["train", "--dataset", "moons", "--model", "unet"], ["needs image data"]),
     (["train", "--device", "tpu"], ["--device"]),
+    (["train", "--probe-every", "-1"], ["--probe-every"]),
+    (["train", "--eval-samples", "1"], ["--eval-samples"]),
+    (["train", "--timesteps", "50", "--probe-buckets", "60"], ["probe_buckets", "timesteps"]),
     (["inspect", "{d}/garbage.h5"], ["garbage.h5"]),
     (["sample", "{d}/garbage.h5"], ["garbage.h5"]),
     (["resume", "{d}/garbage.h5"], ["garbage.h5"]),
+    (["evaluate", "{d}/garbage.h5"], ["garbage.h5"]),
     (["inspect", "{d}/absent.h5"], ["absent.h5"]),
     (["optim-demo", "--kappa", "0.5"], ["--kappa"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
@@ -92,6 +96,23 @@ def test_config_file_sets_options_and_command_line_wins(tmp_path):
     assert result.exit_code == 0, result.output
     config = RunFile.open(out).config
     assert (config["optimizer"], config["lr"], config["batch_size"]) == ("nesterov", 0.02, 32)
+
+
+def test_probe_and_eval_options_reach_the_run_config_and_its_metrics(tmp_path):
+    out = tmp_path / "r.h5"
+    result = invoke("train", *FAST, "--probe-every", 3, "--probe-buckets", 2, "--eval-every", 3, "--eval-samples", 16,
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    run = RunFile.open(out)
+    c = run.config
+    assert (c["probe_every"], c["probe_buckets"], c["eval_every"], c["eval_samples"]) == (3, 2, 3, 16)
+    m = run.metrics()
+    probed = np.isin(m["step"], [3, 6])
+    assert m["probe_grad_norm"].shape[1] == 2 and np.all(m["probe_grad_norm"][probed] > 0)
+    assert list(m["step"][np.isfinite(m["swd"])]) == [3, 6]
+    off = tmp_path / "off.h5"
+    assert invoke("train", *FAST, "--probe-every", 0, "--eval-every", 0, "--out", off).exit_code == 0
+    assert not {"probe_grad_norm", "swd"} & set(RunFile.open(off).metrics())
 
 
 def test_train_then_resume_then_inspect_then_sample(tmp_path):

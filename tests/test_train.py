@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -119,6 +120,34 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run = RunFile.open(tmp_path / "r.h5")
     assert run.status == "diverged" and run.checkpoint_step == 4
     _assert_bitwise_equal(run.load_checkpoint()["params"], good)
+
+
+def test_diverging_run_trained_from_python_raises_no_floating_point_warnings(tmp_path):
+    # a sweep calls Trainer.train directly: a diverging point must not print pages of NumPy overflow warnings
+    config = tiny(dataset="moons", model="auto", model_options={}, optimizer="sgd", lr=1e6, grad_clip=None,
+                  log_every=2, probe_every=0, eval_every=0)
+    trainer, run = start_run(config, tmp_path / "r.h5")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TrainingDiverged):
+            trainer.train(run, config.steps)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+
+
+def test_resume_to_more_steps_extends_the_plan_unless_the_lr_schedule_depends_on_it(tmp_path):
+    for schedule, extended in (("constant", True), ("cosine", False)):
+        path = tmp_path / f"{schedule}.h5"
+        trainer, run = start_run(tiny(dataset="moons", model="auto", model_options={}, steps=4,
+                                      lr_schedule=schedule), path)
+        trainer.train(run, 4)
+        if extended:
+            trainer, run = resume_run(path, steps=8)
+            assert trainer.config.steps == 8 and RunFile.open(path).config["steps"] == 8
+        else:
+            before = path.read_bytes()
+            with pytest.raises(ValueError, match="at most 4 steps"):
+                resume_run(path, steps=8)
+            assert path.read_bytes() == before
 
 
 def test_model_option_the_model_does_not_take_is_a_clear_error():
