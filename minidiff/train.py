@@ -35,6 +35,10 @@ from .optim import build_optimizer
 from .samplers import ddim_sample, ddpm_sample
 from .schedules import make_schedule
 
+# The run's `grad_norm` is the trainer's mean pre-clip norm over the logging window; the optimizer's diagnostic of the
+# same name (|g_t| of the gradient it applied: clipped, at the logged step only) is logged under another name.
+OPTIMIZER_RENAMES = {"grad_norm": "applied_grad_norm"}
+
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the run file keeps its last good checkpoint."""
@@ -154,8 +158,8 @@ class Trainer:
         with np.errstate(invalid="ignore", divide="ignore"):
             metrics["timestep_loss"] = np.where(counts > 0, to_numpy(acc["bucket_loss"]) / counts, np.nan)
         for key, value in (diag or {}).items():
-            if not isinstance(value, dict):
-                metrics[key] = to_float(value)
+            if not isinstance(value, dict):   # the optimizer's |g_t| is the applied (clipped) gradient's, at this step
+                metrics[OPTIMIZER_RENAMES.get(key, key)] = to_float(value)
         self._reset_accumulators()
         return metrics
 

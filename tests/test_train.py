@@ -87,9 +87,19 @@ def test_resume_continues_bitwise_identically(tmp_path, config):
     assert resumed.step == 5
     resumed.train(run, 12)
     _assert_bitwise_equal(_untimed(straight.state_dict()), _untimed(resumed.state_dict()))
-    m_straight, m_resumed = RunFile.open(tmp_path / "straight.h5").metrics(), RunFile.open(tmp_path / "half.h5").metrics()
+    m_straight, m_resumed = (RunFile.open(tmp_path / f"{name}.h5").metrics() for name in ("straight", "half"))
     np.testing.assert_array_equal(m_straight["step"], m_resumed["step"])
     np.testing.assert_array_equal(m_straight["loss"], m_resumed["loss"])
+
+
+def test_logged_grad_norm_is_the_pre_clip_mean_and_the_applied_norm_is_clipped(tmp_path):
+    """`grad_norm` once held the optimizer's diagnostic (the clipped norm at the log step): with grad_clip 1e-3
+    every logged value was exactly 1e-3. It is the trainer's mean pre-clip norm; the clipped one has its own name."""
+    trainer, run = start_run(tiny(grad_clip=1e-3, probe_every=0, eval_every=0), tmp_path / "r.h5")
+    trainer.train(run, 12)
+    m = RunFile.open(tmp_path / "r.h5").metrics()
+    assert np.all(m["grad_norm"] > 1e-2)                                    # an untrained net's gradient is large
+    np.testing.assert_allclose(m["applied_grad_norm"], 1e-3, rtol=1e-4)     # what the optimizer was handed
 
 
 def test_run_file_records_metrics_checkpoint_samples_and_status(tmp_path):
@@ -98,7 +108,8 @@ def test_run_file_records_metrics_checkpoint_samples_and_status(tmp_path):
     run = RunFile.open(tmp_path / "r.h5")
     m = run.metrics()
     assert list(m["step"]) == [3, 6, 9, 12]
-    for key in ("loss", "lr", "grad_norm", "step_time", "update_to_weight", "cos_grad_momentum"):
+    for key in ("loss", "lr", "grad_norm", "applied_grad_norm", "step_time", "update_to_weight",
+                "cos_grad_momentum"):
         assert np.all(np.isfinite(m[key])), key
     assert m["timestep_loss"].shape == (4, 10)
     assert run.status == "finished" and run.checkpoint_step == 12
