@@ -80,7 +80,7 @@ def optim_demo_command(optimizers, problems, kappa, tol, max_steps, out):
         table = optim_demo.run_demo(optimizers or optim_demo.DEMO_OPTIMIZERS, problems or optim_demo.PROBLEMS,
                                     kappa=kappa, tol=tol, max_steps=max_steps, out=out)
     except (ValueError, RuntimeError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise BadInput(str(exc)) from None
     click.echo(table)
     if out:
         click.echo(f"trajectories written to {out}")
@@ -380,7 +380,7 @@ def bench_command(configs, repeats, warmup, quick, device, threads, no_torch, no
                                     with_torch=not no_torch, device=device, memory=not no_memory,
                                     progress=lambda msg: click.echo(msg, err=True))
     except (RuntimeError, ValueError) as exc:  # BackendError is a RuntimeError
-        raise click.ClickException(str(exc)) from None
+        raise BadInput(str(exc)) from None
     click.echo(json.dumps(rows, indent=1) if as_json else bench.format_table(rows))
 
 

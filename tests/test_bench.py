@@ -4,6 +4,7 @@ No speed is asserted anywhere: timings on a shared machine are noise; these test
 computed from the right quantities and reported under the documented keys.
 """
 
+import importlib.util
 import json
 import math
 
@@ -112,3 +113,14 @@ def test_unknown_configuration_name_is_refused_before_any_timing():
     with pytest.raises(ValueError, match="choose from digits"):
         run_benchmarks(["digits", "nope"])
     assert set(CONFIGS) == {"digits", "16x16", "32x32", "ddim50"}
+
+
+def test_cli_gpu_without_cupy_is_exit_code_2_and_one_line():
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed: the GPU path is the one under test elsewhere")
+    from click.testing import CliRunner
+
+    from cli import main
+    result = CliRunner().invoke(main, ["bench", "--device", "gpu", "--quick", "--config", "digits"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error:") and "cupy" in result.output.lower()

@@ -73,6 +73,6 @@ def test_cli_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
     result = CliRunner().invoke(main, ["optim-demo", "-o", "sgd", "-p", "quadratic", "--max-steps", "10",
                                        "--out", str(tmp_path / "x.png")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "matplotlib" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
