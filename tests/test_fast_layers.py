@@ -112,11 +112,13 @@ def test_channels_last_concat_gradient_matches_finite_differences(backend, rng):
 
 # --- the parallel machinery ------------------------------------------------------------------------------------------
 
-def test_unet_on_two_threads_matches_one_thread(cpu_backend):
+def test_unet_on_two_threads_matches_one_thread(cpu_backend, monkeypatch):
     """The batch split over two workers: the same output (per-image work is untouched) and the same gradients up
     to the order in which the parts' gradients are summed."""
     threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
+    from minidiff import denoiser
     from minidiff.unet import UNet
+    monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS", 1)   # split even this small batch
     model = UNet(base_channels=8, groups=4, channel_mults=(1, 2), attention_levels=(1,), num_heads=2,
                  dtype="float64", device=cpu_backend)
     rng = np.random.default_rng(6)
@@ -131,6 +133,19 @@ def test_unet_on_two_threads_matches_one_thread(cpu_backend):
     np.testing.assert_allclose(runs[2][0], runs[1][0], rtol=0, atol=1e-13)
     for name, g in runs[1][1].items():
         np.testing.assert_allclose(runs[2][1][name], g, rtol=1e-10, atol=1e-13, err_msg=name)
+
+
+def test_a_batch_is_split_only_when_each_part_gets_enough_work(cpu_backend):
+    threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
+    from minidiff.denoiser import MIN_PART_ELEMENTS
+    from minidiff.unet import UNet
+    model = UNet(base_channels=8, groups=4, device=cpu_backend)
+    per_image = 64   # 1 x 8 x 8
+    with threadpool_limits(2, user_api="blas"):
+        for n, parts in ((2 * MIN_PART_ELEMENTS // per_image - 1, 1), (2 * MIN_PART_ELEMENTS // per_image, 2)):
+            x = cpu_backend.asarray(np.zeros((n, 1, 8, 8)), dtype=np.float32)
+            model.forward(x, np.zeros(n, dtype=np.int64))
+            assert len(model._tape[0][0]) == parts, n
 
 
 def test_map_parts_keeps_order_propagates_errors_and_restores_blas_threads():
