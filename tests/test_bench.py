@@ -112,7 +112,7 @@ def test_run_benchmarks_without_torch_or_memory_leaves_those_columns_empty_for_s
 def test_unknown_configuration_name_is_refused_before_any_timing():
     with pytest.raises(ValueError, match="choose from digits"):
         run_benchmarks(["digits", "nope"])
-    assert set(CONFIGS) == {"digits", "16x16", "32x32", "ddim50"}
+    assert set(CONFIGS) == {"digits", "digits32", "16x16", "32x32", "ddim50"}
 
 
 def test_cli_gpu_without_cupy_is_exit_code_2_and_one_line():
