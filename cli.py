@@ -187,8 +187,9 @@ def train_command(ctx, config_file, out, overwrite, quiet, **options):
 
 def _report_done(out):
     png = write_latest_samples_png(out)
+    grid = Path(out).with_name(Path(out).stem + "-grid.png")
     click.echo(f"done: {out}" + (f"\n  samples (EMA, DDIM): {png}" if png else "")
-               + f"\n  more samples:        minidiff sample {out} --n 64 --out {Path(out).stem}-grid.png"
+               + f"\n  more samples:        minidiff sample {out} --n 64 --out {grid}"
                + f"\n  inspect the run:     minidiff inspect {out}")
 
 
@@ -200,9 +201,9 @@ def _report_done(out):
 def resume_command(run_file, steps, quiet):
     """Continue a run from its checkpoint; bitwise identical to an uninterrupted run on the CPU.
 
-    --steps past the run's planned steps extends the plan (logs, samples and the end then follow the new total), unless
-    the learning-rate schedule depends on the total (cosine, warmup_cosine, a warm-up longer than the plan): then
-    the steps already taken would not match a run planned that long, and resume refuses.
+    --steps past the run's planned steps extends the plan: the model and optimizer state equal a run planned that
+    long, bit for bit; the file keeps the log, sample and evaluation rows of the old end. Refused when the
+    learning-rate schedule depends on the total (cosine, warmup_cosine, a warm-up longer than the plan).
 
     Exit status: 0 finished, 1 diverged, 2 bad input, 130 interrupted (see minidiff --help).
     """
@@ -246,7 +247,7 @@ def _run_training(trainer, run, until, quiet):
 @click.argument("run_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of samples.")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="DDIM steps.")
+@click.option("--steps", type=click.IntRange(min=1), help="DDIM steps. [default: 50, or the run's timesteps if fewer]")
 @click.option("--eta", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="DDIM eta.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Sample from the EMA weights.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -267,7 +268,7 @@ def sample_command(run_file, n, sampler, steps, eta, ema, seed, out, overwrite):
             rate = f"  {(i - 1) / max(time.perf_counter() - done['t0'], 1e-9):.1f} it/s" if i > 1 else ""
             return f"step {i}/{done['n']}{rate}" if i else None
 
-        with click.progressbar(length=steps, label=sampler, item_show_func=show, file=sys.stderr) as bar:
+        with click.progressbar(length=steps or 50, label=sampler, item_show_func=show, file=sys.stderr) as bar:
             def progress(i, count):
                 if i == 0:  # DDPM runs all T steps, known only once sampling starts
                     bar.length, done["n"], done["t0"] = count, count, time.perf_counter()

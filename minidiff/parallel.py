@@ -20,7 +20,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy
 
 _LOCAL = threading.local()   # .in_worker: set on pool threads, so nested calls run serially
 _POOL: dict = {}
@@ -30,8 +33,7 @@ _HELD = {"workers": None}    # set while `_blas_held` keeps BLAS on one thread: 
 @functools.lru_cache(maxsize=None)
 def _blas_controller():
     """threadpoolctl's controller of NumPy's BLAS, or None (threadpoolctl missing, or no BLAS found)."""
-    try:
-        import numpy  # noqa: F401  (BLAS must be loaded before threadpoolctl looks for it)
+    try:   # numpy (imported above) has loaded BLAS before threadpoolctl looks for it
         from threadpoolctl import ThreadpoolController
     except ImportError:
         return None
@@ -82,11 +84,14 @@ def map_parts(fn, parts, xp):
     if workers <= 1:
         return [fn(p) for p in parts]
 
+    errstate = numpy.geterr()   # threads start with NumPy's default error handling: use the caller's
+
     def run(k):  # in a part, nested map_parts calls run serially: the cores are busy with the parts already
         nested = getattr(_LOCAL, "in_worker", False)
         _LOCAL.in_worker = True
         try:
-            return [fn(p) for p in parts[k::workers]]
+            with numpy.errstate(**errstate):
+                return [fn(p) for p in parts[k::workers]]
         finally:
             _LOCAL.in_worker = nested
 
@@ -94,8 +99,9 @@ def map_parts(fn, parts, xp):
         futures = [_pool(workers).submit(run, k) for k in range(1, workers)]
         try:
             groups = [run(0)]
-        finally:
-            groups += [f.result() for f in futures]   # wait for every worker, even if this thread's parts failed
+        finally:   # wait for every worker, even if this thread's parts failed (then its error is the one raised)
+            concurrent.futures.wait(futures)
+        groups += [f.result() for f in futures]
     results = [None] * len(parts)
     for k, group in enumerate(groups):
         results[k::workers] = group

@@ -52,13 +52,15 @@ def config_from_options(file_values: dict, options: dict) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def sample_png(path, out, n=64, sampler="ddim", num_steps=50, eta=0.0, use_ema=True, seed=0, progress=None,
+def sample_png(path, out, n=64, sampler="ddim", num_steps=None, eta=0.0, use_ema=True, seed=0, progress=None,
                overwrite=False) -> dict:
-    """Draw n samples from the run at `path` and write them to the PNG `out`; returns a summary dict."""
+    """Draw n samples from the run at `path` and write them to the PNG `out`; returns a summary dict.
+    num_steps None: 50 DDIM steps, or the run's timesteps if it has fewer."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     trainer, run = load_trainer(path)
+    num_steps = min(50, trainer.config.timesteps) if num_steps is None else num_steps
     x = trainer.sample(n, num_steps=num_steps, sampler=sampler, eta=eta, seed=seed, use_ema=use_ema,
                        progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ import inspect
 import signal
 import threading
 import time
-import warnings
 
 import numpy as np
 
@@ -78,11 +77,10 @@ def build_lr_schedule(config: TrainConfig):
 @contextlib.contextmanager
 def quiet_float_errors():
     """No NumPy overflow/invalid-value warnings: a diverging run says so in one line (non-finite values are caught at
-    log and checkpoint steps anyway), and a sweep of many runs does not print pages of them. The warnings filter also
-    covers minidiff.parallel's worker threads, which do not inherit np.errstate."""
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=RuntimeWarning,
-                                message="(overflow|invalid value|divide by zero|underflow) encountered")
+    log and checkpoint steps anyway), and a sweep of many runs does not print pages of them. np.errstate is per
+    thread, so runs in threads (a Dask worker) do not disturb each other; minidiff.parallel hands the setting on to
+    its worker threads."""
+    with np.errstate(all="ignore"):
         yield
 
 
@@ -262,13 +260,14 @@ class Trainer:
             metrics = self.instruments.after_step(self.step, pending)
             if log_now:
                 metrics.update(self.collect_metrics(diag), wall_time=self.train_time)
-            if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
+            diverged = log_now and not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
+            if c.eval_every and not diverged and (self.step % c.eval_every == 0 or self.step == c.steps):
                 metrics.update(self.instruments.evaluate())
             if metrics:
                 run.log(self.step, **metrics)
                 if log_now:  # a rewrite costs ~15 ms: cheap enough that `inspect` and a crash see every log
                     run.flush()
-            if log_now and not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+            if diverged:
                 self._diverged(run, metrics)
             if self.step % c.sample_every == 0 or self.step == c.steps:
                 self._add_samples(run)
@@ -320,8 +319,9 @@ def resume_run(path, steps: int | None = None):
     """Reopen a run file and rebuild its Trainer at the checkpoint; returns (trainer, run).
 
     steps: the total the caller will train to. Past the run's planned steps, the plan is extended first (the file's
-    config then says `steps`), so logs, samples and the end follow the new total and the run continues as one
-    planned that long. ValueError, file untouched, when the learning rates of the steps already taken depend on the
+    config then says `steps`), so logs, samples and the end follow the new total: the state then evolves exactly as
+    in a run planned that long (its metrics differ only by the rows already written at the old end, and the log
+    window after it). ValueError, file untouched, when the learning rates of the steps already taken depend on the
     total (cosine, warmup_cosine, a warm-up longer than the plan): they would not match a run planned that long.
     """
     from .runs import RunFile

@@ -27,11 +27,17 @@ _BUFFERS: dict = {}
 _ONES: dict = {}
 
 
+def _device(a):
+    """A hashable name of the device `a` lives on (NumPy: "cpu"; CuPy: <CUDA Device k>)."""
+    return str(getattr(a, "device", "cpu"))
+
+
 def scratch(name, shape, like, zeros=False):
     """An array of `shape` with the dtype and array module of `like`, reused across calls (uninitialised, or
     zero-filled when its buffer is first made if `zeros`: then only ever write where the zeros are not needed)."""
     size = math.prod(shape)
-    key = (name, type(like), like.dtype.str, threading.get_ident())   # type: NumPy, strict and CuPy arrays differ
+    # type: NumPy, strict and CuPy arrays differ; device: each GPU of a multi-GPU host has its own
+    key = (name, type(like), _device(like), like.dtype.str, threading.get_ident())
     buf = _BUFFERS.get(key)
     if buf is None or buf.size < size:
         xp = get_array_module(like)
@@ -43,7 +49,7 @@ def scratch(name, shape, like, zeros=False):
 def ones_row(n, like):
     """A (1, n) row of ones with the dtype and array module of `like`, cached and shared by all threads: read it,
     never write into it (it turns sums into matrix-vector products, see conv.column_sums)."""
-    key = (type(like), like.dtype.str, n)
+    key = (type(like), _device(like), like.dtype.str, n)
     row = _ONES.get(key)
     if row is None:
         row = _ONES[key] = get_array_module(like).ones((1, n), dtype=like.dtype)

@@ -219,3 +219,25 @@ def test_console_script_and_python_cli_both_work():
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__)
                                                                              .parents[1]))
         assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_a_digits_run_diverging_at_an_evaluation_step_ends_with_one_line_and_status_diverged(tmp_path):
+    """Evaluation (the FD of EMA samples) once ran before the divergence check and raised on NaN samples: a
+    traceback, and the file left 'running'. Here the run blows up before its first evaluation (step 5)."""
+    out = tmp_path / "div.h5"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "cli.py"), "train", "--dataset", "digits",
+                           "--base-channels", "8", "--steps", "10", "--log-every", "5", "--eval-every", "5",
+                           "--eval-samples", "16", "--probe-every", "0", "--timesteps", "50", "--batch-size", "16",
+                           "--optimizer", "sgd", "--lr", "1e8", "--grad-clip", "0", "--out", str(out), "-q"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("Error: training diverged")
+    assert RunFile.open(out).status == "diverged"
+
+
+def test_sample_defaults_to_at_most_the_runs_timesteps(tmp_path):
+    out = tmp_path / "r.h5"
+    assert invoke("train", *FAST, "--timesteps", "10", "--out", out).exit_code == 0
+    result = invoke("sample", out, "--n", "4", "--out", tmp_path / "s.png")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s.png").stat().st_size > 0

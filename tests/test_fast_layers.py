@@ -5,6 +5,8 @@ every backend (NumPy, strict, CuPy where present), forward against PyTorch. The 
 chunk size, so the small test shapes go through several chunks too.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -167,3 +169,16 @@ def test_batch_parts_cover_the_batch_once():
     assert parallel.batch_parts(10, 3) == [(0, 3), (3, 6), (6, 10)]
     assert parallel.batch_parts(2, 8) == [(0, 1), (1, 2)]
     assert parallel.batch_parts(5, 0) == [(0, 5)]
+
+
+def test_map_parts_workers_use_the_callers_floating_point_error_handling():
+    """NumPy threads start with the default error handling; the parts must follow the caller's np.errstate (the
+    trainer silences overflow warnings with it, a test may turn them into errors)."""
+    threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
+    overflow = lambda p: np.float32(3e38) * np.float32(10)   # noqa: E731
+    with threadpool_limits(2, user_api="blas"):
+        with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+            parallel.map_parts(overflow, range(2), np)
+        with np.errstate(over="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert all(np.isinf(parallel.map_parts(overflow, range(2), np)))

@@ -217,9 +217,9 @@ def test_package_import_does_not_need_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_forward_without_cache_gives_the_same_output_as_the_training_forward(cpu_backend):
+def test_forward_without_cache_gives_the_same_output_as_the_training_forward(backend):
     """cache=False skips the work only a backward needs (SiLU's derivative in GroupNorm): the output must not move."""
-    model = UNet(base_channels=8, groups=4, device=cpu_backend, seed=3)
+    model = UNet(base_channels=8, groups=4, device=backend, seed=3)
     model.params["out_conv.weight"][...] = 0.1   # DDPM's zero output layer would hide any difference
     x, t = _run(model, shape=(3, 1, 8, 8))
     kept, lean = model.forward(x, t), model.forward(x, t, cache=False)
