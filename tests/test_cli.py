@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
+from cli_checks import assert_one_line_error
 from minidiff.runs import RunFile
 
 FAST = ["--dataset", "moons", "--steps", "6", "--timesteps", "50", "--batch-size", "32", "--log-every", "2",
@@ -19,15 +20,6 @@ FAST = ["--dataset", "moons", "--steps", "6", "--timesteps", "50", "--batch-size
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -73,7 +65,7 @@ def bad_files(tmp_path):
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_input_is_one_line_exit_2_no_traceback(bad_files, args, fragments):
     args = [a.format(d=bad_files) for a in args]
-    _one_line_error(invoke(*args, "--out", bad_files / "run.h5") if args[0] == "train" else invoke(*args),
+    assert_one_line_error(invoke(*args, "--out", bad_files / "run.h5") if args[0] == "train" else invoke(*args),
                     *fragments)
     assert not (bad_files / "run.h5").exists()
 
@@ -82,7 +74,7 @@ def test_existing_run_is_not_overwritten_without_the_flag(tmp_path):
     out = tmp_path / "r.h5"
     assert invoke("train", *FAST, "--out", out).exit_code == 0
     before = out.read_bytes()
-    _one_line_error(invoke("train", *FAST, "--out", out), "already exists", "--overwrite")
+    assert_one_line_error(invoke("train", *FAST, "--out", out), "already exists", "--overwrite")
     assert out.read_bytes() == before
     assert invoke("train", *FAST, "--seed", "1", "--out", out, "--overwrite").exit_code == 0
     assert RunFile.open(out).config["seed"] == 1
@@ -128,7 +120,7 @@ def test_train_then_resume_then_inspect_then_sample(tmp_path):
     result = invoke("sample", out, "--n", "50", "--steps", "5", "--out", png)
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    _one_line_error(invoke("sample", out, "--n", "50", "--steps", "5", "--out", png), "already exists")
+    assert_one_line_error(invoke("sample", out, "--n", "50", "--steps", "5", "--out", png), "already exists")
 
 
 def _checkpoint(path):
@@ -163,7 +155,7 @@ def test_resume_past_the_plan_of_a_total_dependent_lr_schedule_is_refused_untouc
     out = tmp_path / "r.h5"
     assert invoke("train", *FAST, "--lr-schedule", *schedule, "--out", out).exit_code == 0
     before = out.read_bytes()
-    _one_line_error(invoke("resume", out, "--steps", "12"), schedule[0], "at most 6 steps", "--steps 12")
+    assert_one_line_error(invoke("resume", out, "--steps", "12"), schedule[0], "at most 6 steps", "--steps 12")
     assert out.read_bytes() == before
     assert invoke("resume", out, "--steps", "6").exit_code == 0  # up to the plan is fine
 
@@ -211,7 +203,7 @@ def test_config_file_may_set_out_overwrite_quiet_and_base_channels(tmp_path):
     assert result.exit_code == 0, result.output  # the command line wins over the file
     assert RunFile.open(other).config["model_options"] == {"base_channels": 16}
     cfg.write_text(json.dumps({**tiny_unet, "overwrite": "yes"}))
-    _one_line_error(invoke("train", "--config", cfg, "--out", other), "overwrite", "yes")
+    assert_one_line_error(invoke("train", "--config", cfg, "--out", other), "overwrite", "yes")
 
 
 def test_console_script_and_python_cli_both_work():

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
+from cli_checks import assert_one_line_error
 from minidiff.config import TrainConfig
 from minidiff.run_tools import evaluate_run
 from minidiff.runs import RunFile
@@ -92,25 +93,16 @@ def test_strict_backend_run_evaluates_like_the_cpu_one(tmp_path):
     assert values[0] == values[1]
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
-
-
 def test_bad_input_is_one_line_exit_2(tmp_path, moons_run):
     (tmp_path / "garbage.h5").write_bytes(b"not an hdf5 file at all")
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["x"] = np.zeros(3)
     (tmp_path / "notes.txt").write_text("hello")
     for name in ("garbage.h5", "other.h5", "notes.txt"):
-        _one_line_error(invoke("evaluate", tmp_path / name), name)
-    _one_line_error(invoke("evaluate", tmp_path / "absent.h5"), "absent.h5")
-    _one_line_error(invoke("evaluate", moons_run, "--n", "1"), "--n")
-    _one_line_error(invoke("evaluate", moons_run, "--steps", "500"), "steps", "100")
+        assert_one_line_error(invoke("evaluate", tmp_path / name), name)
+    assert_one_line_error(invoke("evaluate", tmp_path / "absent.h5"), "absent.h5")
+    assert_one_line_error(invoke("evaluate", moons_run, "--n", "1"), "--n")
+    assert_one_line_error(invoke("evaluate", moons_run, "--steps", "500"), "steps", "100")
 
 
 def test_data_without_a_quality_metric_says_so_in_one_line(tmp_path):
@@ -118,14 +110,14 @@ def test_data_without_a_quality_metric_says_so_in_one_line(tmp_path):
     np.save(tmp_path / "mine.npy", images)  # 8x8 images, but not the digits: no classifier feature space for them
     path = _train(tmp_path / "u.h5", dataset=str(tmp_path / "mine.npy"), model_options=TINY_UNET, batch_size=8,
                   steps=1, eval_every=0, sample_every=1, sample_count=2, sample_steps=2)
-    _one_line_error(invoke("evaluate", path), "no sample-quality metric", "mine.npy", "minidiff sample")
+    assert_one_line_error(invoke("evaluate", path), "no sample-quality metric", "mine.npy", "minidiff sample")
 
 
 def test_run_without_a_checkpoint_says_so(tmp_path):
     RunFile.create(tmp_path / "new.h5", TrainConfig(dataset="moons").to_dict()).close()
-    _one_line_error(invoke("evaluate", tmp_path / "new.h5"), "no checkpoint")
+    assert_one_line_error(invoke("evaluate", tmp_path / "new.h5"), "no checkpoint")
 
 
 def test_samples_that_blow_up_are_one_line_not_a_nan_score(moons_run, monkeypatch):
     monkeypatch.setattr("minidiff.train.Trainer.sample", lambda self, n, **kw: np.full((n, 2), np.nan))
-    _one_line_error(invoke("evaluate", moons_run), "NaN or Inf", "step 200")
+    assert_one_line_error(invoke("evaluate", moons_run), "NaN or Inf", "step 200")
