@@ -111,12 +111,12 @@ class Instruments:
         from . import quality
 
         t, c = self.trainer, self.trainer.config
-        if t.dataset.kind == "points":
-            x = t.sample(c.eval_samples, num_steps=c.eval_steps, seed=c.seed + 3000)
+        metric = quality.metric_for(t.dataset)
+        if metric is None:
+            return {}
+        x = t.sample(c.eval_samples, num_steps=c.eval_steps, seed=c.seed + 3000)
+        if metric == "swd":
             return {"swd": quality.sliced_wasserstein(x, t.dataset.test, seed=0)}
-        if t.dataset.name == "digits" and t.dataset.shape == (1, 8, 8):
-            x = t.sample(c.eval_samples, num_steps=c.eval_steps, seed=c.seed + 3000)
-            if not np.isfinite(to_numpy(x)).all():   # weights gone bad between logs: the next check stops the run
-                return {"fd": float("nan")}
-            return {"fd": quality.digits_fd(x)}
-        return {}
+        if not np.isfinite(to_numpy(x)).all():   # weights gone bad between logs: the next check stops the run
+            return {"fd": float("nan")}
+        return {"fd": quality.digits_fd(x)}

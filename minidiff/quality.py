@@ -25,6 +25,17 @@ import numpy as np
 from .backend import to_numpy
 
 
+def metric_for(dataset) -> str | None:
+    """The sample-quality metric a data set has: "fd" for the bundled 8x8 digits, "swd" for point sets, None for
+    anything else (no feature space to measure other images in). Training (minidiff.instruments) and `minidiff
+    evaluate` both ask here."""
+    if dataset.kind == "points":
+        return "swd"
+    if dataset.name == "digits" and dataset.shape == (1, 8, 8):
+        return "fd"
+    return None
+
+
 # --- the Frechet distance -------------------------------------------------------------------------------------------
 
 def feature_stats(features):

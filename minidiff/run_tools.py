@@ -71,16 +71,6 @@ def sample_png(path, out, n=64, sampler="ddim", num_steps=None, eta=0.0, use_ema
     return {"step": run.checkpoint_step, "n": n, "sampler": sampler, "out": str(out)}
 
 
-def quality_metric(dataset) -> str | None:
-    """The sample-quality metric a run's data has, as minidiff.instruments logs it during training: "fd" for the
-    bundled 8x8 digits, "swd" for point sets, None for anything else (no feature space to measure images in)."""
-    if dataset.kind == "points":
-        return "swd"
-    if dataset.name == "digits" and dataset.shape == (1, 8, 8):
-        return "fd"
-    return None
-
-
 def evaluate_run(path, n=None, num_steps=None, seed=None, use_ema=True) -> dict:
     """Sample quality of the run at `path`, with the levels it is read against at the same sample count.
 
@@ -93,7 +83,7 @@ def evaluate_run(path, n=None, num_steps=None, seed=None, use_ema=True) -> dict:
     """
     trainer, run = load_trainer(path)
     c, ds = trainer.config, trainer.dataset
-    metric = quality_metric(ds)
+    metric = quality.metric_for(ds)
     if metric is None:
         raise ValueError(f"{path}: no sample-quality metric for dataset {c.dataset!r} ({ds.kind} of shape "
                          f"{ds.shape}); evaluate measures the bundled 8x8 digits (Frechet distance) and point "
