@@ -24,6 +24,12 @@ from . import probes
 from .backend import to_float, to_numpy
 
 
+def eval_seed(config) -> int:
+    """The seed of a run's quality evaluations: its own seed, offset so the samples never reuse its training noise.
+    `minidiff evaluate` uses it too, so it reproduces a run's logged value."""
+    return config.seed + 3000
+
+
 class Instruments:
     def __init__(self, trainer):
         c = trainer.config
@@ -114,7 +120,7 @@ class Instruments:
         metric = quality.metric_for(t.dataset)
         if metric is None:
             return {}
-        x = t.sample(c.eval_samples, num_steps=c.eval_steps, seed=c.seed + 3000)
+        x = t.sample(c.eval_samples, num_steps=c.eval_steps, seed=eval_seed(c))
         if metric == "swd":
             return {"swd": quality.sliced_wasserstein(x, t.dataset.test, seed=0)}
         if not np.isfinite(to_numpy(x)).all():   # weights gone bad between logs: the next check stops the run

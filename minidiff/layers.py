@@ -108,22 +108,6 @@ def silu_backward(dout, cache):
 
 # --- nearest 2x upsampling and channel concatenation --------------------------------------------------------------
 
-def upsample2x_forward(x):
-    """Nearest 2x upsampling, as F.interpolate(scale_factor=2, mode="nearest"): (N, C, H, W) -> (N, C, 2H, 2W)."""
-    xp = get_array_module(x)
-    N, C, H, W = x.shape
-    out = xp.empty((N, C, H, 2, W, 2), dtype=x.dtype)
-    out[...] = x[:, :, :, None, :, None]
-    return out.reshape(N, C, 2 * H, 2 * W), x.shape
-
-
-# Each input pixel feeds a 2x2 block of the output, so its gradient is the sum over that block.
-def upsample2x_backward(dout, cache):
-    """dout (N, C, 2H, 2W) -> dx (N, C, H, W), {}."""
-    N, C, H, W = cache
-    return dout.reshape(N, C, H, 2, W, 2).sum(axis=(3, 5)), {}
-
-
 def upsample2x_nhwc_forward(x):
     """Nearest 2x upsampling, channels-last: (N, H, W, C) -> (N, 2H, 2W, C)."""
     xp = get_array_module(x)

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import quality
 from .config import TrainConfig
+from .instruments import eval_seed
 from .data import save_image_grid
 from .runs import RunFile
 from .train import Trainer
@@ -90,7 +91,7 @@ def evaluate_run(path, n=None, num_steps=None, seed=None, use_ema=True) -> dict:
                          f"sets (sliced Wasserstein) -- use minidiff sample to look at the samples")
     n = c.eval_samples if n is None else int(n)
     num_steps = c.eval_steps if num_steps is None else int(num_steps)
-    seed = c.seed + 3000 if seed is None else int(seed)
+    seed = eval_seed(c) if seed is None else int(seed)
     if n < 2 or not 1 <= num_steps <= c.timesteps:
         raise ValueError(f"need n >= 2 and 1 <= steps <= {c.timesteps} (the run's timesteps), got n={n}, "
                          f"steps={num_steps}")

@@ -48,7 +48,7 @@ def scratch(name, shape, like, zeros=False):
 
 def ones_row(n, like):
     """A (1, n) row of ones with the dtype and array module of `like`, cached and shared by all threads: read it,
-    never write into it (it turns sums into matrix-vector products, see conv.column_sums)."""
+    never write into it (it turns sums into matrix-vector products, see norm.channel_sums)."""
     key = (type(like), _device(like), like.dtype.str, n)
     row = _ONES.get(key)
     if row is None:
