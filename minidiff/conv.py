@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from .backend import get_array_module
 from .parallel import batch_parts
-from .norm import channel_sums
+from .norm import add_channels, channel_sums
 from .workspace import scratch
 
 CHUNK_BYTES = 2 << 20   # column-matrix bytes per chunk on the CPU: fits the L2/L3 caches (see the module docstring)
@@ -88,7 +88,7 @@ def conv2d_nhwc_forward(x, w, b=None, stride=1, padding=0):
         part = out[n0:n1].reshape(-1, O)
         xp.matmul(cols, w2t, out=part)
         if b is not None:
-            part += b  # while the chunk is still in the cache
+            add_channels(out[n0:n1], b)  # while the chunk is still in the cache
     return out, (x, w2t, b is not None, (kh, kw), stride, (ph, pw))
 
 

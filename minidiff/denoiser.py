@@ -22,10 +22,12 @@ from .parallel import batch_parts, cpu_workers, map_parts
 from .workspace import retain_freed_memory
 
 
-# A part must hold enough work to pay for running the network's Python once more (the parts share the GIL): about
-# 32 digits (8x8). Measured on 2 cores, a 16-image forward took 6.5 ms in 2 parts and 4.5 ms in one; 64 images
-# break even; a 128-image training step takes 46 ms in 2 parts and 61 ms in one.
-MIN_PART_ELEMENTS = 32 * 64
+# A part must hold enough work to pay for running the network's Python once more (the parts share the GIL, and every
+# NumPy call that releases it can hand it to the other part): about 48 digits (8x8). Measured on 2 cores, interleaved
+# (median of 25 paired rounds, 2026-11-25): a 64-image training step is 5% slower in 2 parts than in one, a 96-image
+# one 3% faster, a 128-image one 55 ms against 123 (one part, BLAS on 2 threads); a 64-image forward without cache (sampling) 16% slower in 2 parts,
+# a 128-image one 11% faster.
+MIN_PART_ELEMENTS = 48 * 64
 
 
 class Tape(list):

@@ -14,7 +14,11 @@ over (spatial, Cg) as torch.nn.GroupNorm does. Written for speed on NumPy withou
 - temporaries live in reused scratch buffers (minidiff.workspace); only the output is a new array.
 - the per-(image, channel) coefficients are applied on "wide rows": x (N, S, C) seen as (N, S / k, k C) with the
   coefficients tiled k times, so NumPy's inner loop runs over k C elements instead of C (a broadcast over 16
-  channels runs ~3x slower per element than a flat loop; see `_wide`).
+  channels runs ~3x slower per element than a flat loop; see `_wide`);
+- per-group and per-channel values move between (N, G), (N, C) and the tiled (N, k C) by products with constant
+  0/1 matrices (`_maps`): one small matmul instead of a reshape-sum, a repeat and a concatenate. Each output of a
+  spreading or tiling product is one value times 1 plus zeros, so it is exact; a group sum adds its Cg channels in
+  order, as the reduction did.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import functools
 
 from .backend import get_array_module
-from .workspace import ones_row, scratch
+from .workspace import constant, ones_row, scratch
 
 
 def channel_sums(a):
@@ -45,22 +49,42 @@ def _wide_factor(S, C, wide):
     return max(k for k in range(1, S + 1) if S % k == 0 and (k * C <= wide or k == 1))
 
 
-def _per_channel(v, cg, k):
-    """(N, G) per-group values -> (N, 1, k * G * cg): each repeated over its group's channels, then tiled k times."""
-    xp = get_array_module(v)
-    return _tiled(xp.repeat(v, cg, axis=1), k)
+def tiled(v, k):
+    """v (..., C) -> (..., k C): v repeated k times along its last axis, as one exact product with a 0/1 matrix."""
+    C = v.shape[-1]
+    return v @ constant(("tile", C, k), v, lambda xp, dtype: (xp.arange(k * C)[None, :] % C ==
+                                                             xp.arange(C)[:, None]).astype(dtype))
 
 
-def _tiled(v, k):
-    """(N, C) per-channel values -> (N, 1, k * C), matching a wide row of k pixels."""
-    xp = get_array_module(v)
-    return (xp.concatenate([v] * k, axis=1) if k > 1 else v)[:, None, :]
+def add_channels(a, v):
+    """a (N, *spatial, C) += v in place, v (C,) per channel or (N, C) per image and channel, on wide rows."""
+    if not a.flags.c_contiguous:
+        raise ValueError("add_channels works in place on a C-contiguous array")   # a reshape would be a copy
+    N, C = a.shape[0], a.shape[-1]
+    S = a.size // (N * C)
+    k = _wide_factor(S, C, WIDE)
+    if v.ndim == 1:
+        a.reshape(-1, k * C)[...] += tiled(v, k)
+    else:
+        a.reshape(N, S // k, k * C)[...] += tiled(v, k)[:, None]
+    return a
 
 
-def _group_means(per_channel_sums, groups, count):
-    """(N, C) per-channel sums -> (N, groups) means over `count` elements per group."""
-    N, C = per_channel_sums.shape
-    return per_channel_sums.reshape(N, groups, C // groups).sum(axis=2) / count
+def _maps(like, C, groups, k):
+    """Constant 0/1 matrices for C channels in `groups` groups on wide rows of k pixels:
+    R (C, G) sums each group's channels, E1 (G, C) spreads a group's value over its channels, E (G, k C) does so
+    tiled k times, T (C, k C) tiles per-channel values k times."""
+    def build(xp, dtype):
+        chan = xp.arange(k * C) % C                                    # the channel of each wide-row column
+        E = (chan[None, :] // (C // groups) == xp.arange(groups)[:, None]).astype(dtype)
+        T = (chan[None, :] == xp.arange(C)[:, None]).astype(dtype)
+        return xp.ascontiguousarray(E[:, :C].T), xp.ascontiguousarray(E[:, :C]), E, T
+    return constant(("group_norm", C, groups, k), like, build)
+
+
+def _group_means(per_channel_sums, R, count):
+    """(N, C) per-channel sums -> (N, G) means over `count` elements per group."""
+    return (per_channel_sums @ R) / count
 
 
 def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=True):
@@ -74,21 +98,22 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=
     xp = get_array_module(x)
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
-    cg, count, k = C // groups, x3.shape[1] * (C // groups), _wide(x3)
+    count, k = x3.shape[1] * (C // groups), _wide(x3)
+    R, _, E, T = _maps(x, C, groups, k)
     xw = x3.reshape(N, -1, k * C)                                            # wide rows (see the module doc)
     out = xp.empty_like(xw)
     dsilu = xp.empty_like(xw) if silu and cache else None   # 2 SiLU'(h), for the backward
     tmp = scratch("gn.tmp", xw.shape, xw)
-    mean = _group_means(channel_sums(x3), groups, count)                    # (N, G)
-    mean_c = xp.repeat(mean, cg, axis=1)                                     # (N, C)
-    xp.subtract(xw, _tiled(mean_c, k), out=tmp)
+    mean = _group_means(channel_sums(x3), R, count)                         # (N, G)
+    mean_t = mean @ E                                                        # (N, k C), tiled like a wide row
+    xp.subtract(xw, mean_t[:, None], out=tmp)
     tmp *= tmp
-    inv_std = 1.0 / xp.sqrt(_group_means(channel_sums(tmp.reshape(x3.shape)), groups, count) + eps)   # (N, G)
-    a = xp.repeat(inv_std, cg, axis=1) * gamma                               # h = x * a + b, a and b (N, C)
-    b = beta - mean_c * a
+    inv_std = 1.0 / xp.sqrt(_group_means(channel_sums(tmp.reshape(x3.shape)), R, count) + eps)   # (N, G)
+    a = (inv_std @ E) * (gamma @ T)                                          # h = x * a + b, a and b (N, k C)
+    b = beta @ T - mean_t * a
     if silu:
-        half_h = xp.multiply(xw, _tiled(a * 0.5, k), out=tmp)
-        half_h += _tiled(b * 0.5, k)
+        half_h = xp.multiply(xw, (a * 0.5)[:, None], out=tmp)
+        half_h += (b * 0.5)[:, None]
         t = xp.tanh(half_h, out=scratch("gn.t", xw.shape, xw))
         if not cache:   # the same two operations as below, so both forwards agree bit for bit
             t *= half_h
@@ -100,8 +125,8 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=
         t += 1.0
         dsilu *= t
     else:
-        xp.multiply(xw, _tiled(a, k), out=out)
-        out += _tiled(b, k)
+        xp.multiply(xw, a[:, None], out=out)
+        out += b[:, None]
     return out.reshape(x.shape), ((x, mean, inv_std, gamma, groups, dsilu) if cache else None)
 
 
@@ -119,10 +144,11 @@ def group_norm_nhwc_backward(dout, cache):
     xp = get_array_module(dout)
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
-    cg, count, k = C // groups, x3.shape[1] * (C // groups), _wide(x3)
+    count, k = x3.shape[1] * (C // groups), _wide(x3)
+    R, E1, E, T = _maps(x, C, groups, k)
     xw, dw = x3.reshape(N, -1, k * C), dout.reshape(N, -1, k * C)            # wide rows (see the module doc)
     dx = xp.empty_like(xw)
-    mean_c, inv_c = xp.repeat(mean, cg, axis=1), xp.repeat(inv_std, cg, axis=1)   # (N, C)
+    mean_c, inv_c = mean @ E1, inv_std @ E1                                  # (N, C)
     if dsilu is not None:
         q = xp.multiply(dw, dsilu.reshape(xw.shape), out=dx)                # 2 dh
         half = 0.5
@@ -132,10 +158,10 @@ def group_norm_nhwc_backward(dout, cache):
     q3, tmp3 = q.reshape(x3.shape), tmp.reshape(x3.shape)
     sum_d, sum_dx = channel_sums(q3) * half, channel_sums(tmp3) * half     # sum_s dh, sum_s dh * x   (N, C)
     sum_dxhat = (sum_dx - mean_c * sum_d) * inv_c                            # sum_s dh * x_hat
-    mean_g = _group_means(sum_d * gamma, groups, count)                      # (N, G)
-    mean_gx = _group_means(sum_dxhat * gamma, groups, count)
-    xp.multiply(xw, _per_channel(-inv_std * inv_std * mean_gx, cg, k), out=tmp)   # x * B
-    tmp += _per_channel(inv_std * (mean * inv_std * mean_gx - mean_g), cg, k)     # + D
-    xp.multiply(q, _tiled(inv_c * gamma * half, k), out=dx)                        # dh * A (q may be dx itself)
+    mean_g = _group_means(sum_d * gamma, R, count)                           # (N, G)
+    mean_gx = _group_means(sum_dxhat * gamma, R, count)
+    xp.multiply(xw, ((-inv_std * inv_std * mean_gx) @ E)[:, None], out=tmp)        # x * B
+    tmp += ((inv_std * (mean * inv_std * mean_gx - mean_g)) @ E)[:, None]           # + D
+    xp.multiply(q, ((inv_c * gamma * half) @ T)[:, None], out=dx)                   # dh * A (q may be dx itself)
     dx += tmp
     return dx.reshape(dout.shape), {"weight": sum_dxhat.sum(axis=0), "bias": sum_d.sum(axis=0)}

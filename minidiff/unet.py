@@ -23,7 +23,7 @@ from .denoiser import Denoiser, add_grads
 from .layers import (concat_backward, concat_forward, conv2d_params, group_norm_params, linear_backward,
                      linear_forward, linear_params, named_specs, silu_backward, silu_forward, timestep_embedding,
                      upsample2x_nhwc_backward, upsample2x_nhwc_forward)
-from .norm import channel_sums, group_norm_nhwc_backward, group_norm_nhwc_forward
+from .norm import add_channels, channel_sums, group_norm_nhwc_backward, group_norm_nhwc_forward
 
 
 class Conv:
@@ -87,7 +87,7 @@ class ResBlock:
                                           cache=tape.keeps)
         h, c_c1 = conv2d_nhwc_forward(h, p[f"{n}.conv1.weight"], None, 1, 1)
         e, c_t = linear_forward(temb_act, p[f"{n}.temb_proj.weight"], p[f"{n}.temb_proj.bias"])
-        h += (e + p[f"{n}.conv1.bias"])[:, None, None, :]   # conv1's bias and the timestep, in one pass
+        add_channels(h, e + p[f"{n}.conv1.bias"])   # conv1's bias and the timestep, in one pass
         h, c_n2 = group_norm_nhwc_forward(h, p[f"{n}.norm2.weight"], p[f"{n}.norm2.bias"], self.groups, silu=True,
                                           cache=tape.keeps)
         h, c_c2 = conv2d_nhwc_forward(h, p[f"{n}.conv2.weight"], p[f"{n}.conv2.bias"], 1, 1)

@@ -24,7 +24,7 @@ import threading
 from .backend import get_array_module
 
 _BUFFERS: dict = {}
-_ONES: dict = {}
+_CONSTANTS: dict = {}
 
 
 def _device(a):
@@ -46,20 +46,25 @@ def scratch(name, shape, like, zeros=False):
     return buf[:size].reshape(shape)
 
 
+def constant(key, like, build):
+    """A read-only array made once by build(xp, dtype) for `key`, per array module, device and dtype of `like`,
+    shared by all threads: never write into it."""
+    full = (key, type(like), _device(like), like.dtype.str)
+    value = _CONSTANTS.get(full)
+    if value is None:
+        value = _CONSTANTS[full] = build(get_array_module(like), like.dtype)
+    return value
+
+
 def ones_row(n, like):
-    """A (1, n) row of ones with the dtype and array module of `like`, cached and shared by all threads: read it,
-    never write into it (it turns sums into matrix-vector products, see norm.channel_sums)."""
-    key = (type(like), _device(like), like.dtype.str, n)
-    row = _ONES.get(key)
-    if row is None:
-        row = _ONES[key] = get_array_module(like).ones((1, n), dtype=like.dtype)
-    return row
+    """A (1, n) row of ones (it turns sums into matrix-vector products, see norm.channel_sums)."""
+    return constant(("ones", n), like, lambda xp, dtype: xp.ones((1, n), dtype=dtype))
 
 
 def clear():
     """Drop every scratch buffer (their memory goes back to the allocator)."""
     _BUFFERS.clear()
-    _ONES.clear()
+    _CONSTANTS.clear()
 
 
 @functools.lru_cache(maxsize=None)

@@ -87,6 +87,20 @@ def test_group_norm_nhwc_forward_matches_torch(cpu_backend, torch, tiny_chunks, 
     np.testing.assert_allclose(_nhwc_to_nchw(to_numpy(out)), ref.numpy(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("wide", [12, 128])   # k = 2 and k = 20 pixels per wide row
+def test_add_channels_equals_the_broadcast_add_bit_for_bit(cpu_backend, monkeypatch, rng, wide):
+    """Per-channel (C,) and per-image (N, C) values added on wide rows: in place, the same bits as a broadcast add."""
+    monkeypatch.setattr(norm, "WIDE", wide)
+    a = randn(rng, 3, 4, 5, 6).astype(np.float32)
+    v, w = randn(rng, 6).astype(np.float32), randn(rng, 3, 6).astype(np.float32)
+    for value, ref in ((v, a + v), (w, a + w[:, None, None, :])):
+        x = cpu_backend.asarray(a.copy())   # NumPy's asarray would not copy, and the add is in place
+        assert norm.add_channels(x, cpu_backend.asarray(value)) is x
+        np.testing.assert_array_equal(to_numpy(x), ref)
+    with pytest.raises(ValueError, match="C-contiguous"):   # a reshape of a strided view would add into a copy
+        norm.add_channels(cpu_backend.asarray(a)[:, :, ::2], cpu_backend.asarray(v))
+
+
 def test_group_norm_silu_float32_saturates_without_overflow(cpu_backend):
     """Huge pre-activations h = +-1e4: SiLU's tails come out as 0 and h, the SiLU gradients as 0 and 1, no warnings."""
     x = cpu_backend.asarray(np.array([[[-3.0, 3.0]]]), dtype=np.float32)          # (1, 1, 2): x_hat = -1, +1
