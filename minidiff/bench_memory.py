@@ -29,7 +29,9 @@ def _memory_mark(backend, impl):
 
     CPU: the process's resident set, which sees every allocator (NumPy's, PyTorch's, BLAS buffers). The kernel's
     high-water mark is reset (5 to /proc/self/clear_refs) and VmRSS is the baseline; the peak is VmHWM. Where
-    clear_refs is refused, ru_maxrss is both (then an earlier, higher peak could hide the step's).
+    clear_refs is refused, ru_maxrss is both (then an earlier, higher peak could hide the step's). Our worker
+    processes (minidiff.procs) add their private memory (`Denoiser.worker_memory_mib`): what they allocated and
+    the pre-fork pages they keep once the parent has written to its copy.
     GPU: the caching allocators' reserved bytes, emptied of cached blocks first: CuPy's default pool total (the
     pool only grows, so its size is its peak) and torch.cuda.max_memory_reserved.
     """
@@ -94,7 +96,8 @@ def _probe(spec) -> dict:
         unit = torch_unit(cfg, model, twin) if twin is not None else ours_unit(cfg, model)
         for _ in range(spec["steps"]):
             unit()
-        return {"peak_mem_mb": peak() - base}
+        # our worker processes (minidiff.procs) fork during the first unit: their own growth counts as well
+        return {"peak_mem_mb": peak() - base + (model.worker_memory_mib() if impl == "ours" else 0.0)}
 
 
 def measure_memory(cfg, impl, device="cpu", dtype="float32", threads=None, torch_threads=1, steps=2,

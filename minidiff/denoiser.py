@@ -19,15 +19,16 @@ import numpy as np
 from .backend import Backend, get_backend, resolve_dtype
 from .layers import init_param
 from .parallel import batch_parts, cpu_workers, map_parts
+from . import procs
 from .workspace import retain_freed_memory
 
 
-# A part must hold enough work to pay for running the network's Python once more (the parts share the GIL, and every
-# NumPy call that releases it can hand it to the other part): about 48 digits (8x8). Measured on 2 cores, interleaved
-# (median of 25 paired rounds, 2026-11-25): a 64-image training step is 5% slower in 2 parts than in one, a 96-image
-# one 3% faster, a 128-image one 55 ms against 123 (one part, BLAS on 2 threads); a 64-image forward without cache (sampling) 16% slower in 2 parts,
-# a 128-image one 11% faster.
-MIN_PART_ELEMENTS = 48 * 64
+# A part must hold enough work to pay for running the network's Python once more and for the trip to a worker
+# process (minidiff.procs): about 16 digits (8x8). Measured on 2 cores with worker processes, interleaved (median of
+# 15 rounds, 2026-11-25): 32 images, forward 9.6 ms in 2 parts vs 12.0 in one, training step 20.4 vs 33.2; 16 images,
+# forward 7.6 vs 5.1, step 14.4 vs 13.6. (Parts on threads, where worker processes are not available, break even
+# only at ~48 digits a part: the threads share the GIL.)
+MIN_PART_ELEMENTS = 16 * 64
 
 
 class Tape(list):
@@ -62,13 +63,22 @@ class Denoiser:
             retain_freed_memory()  # a CPU step reallocates what the last one freed: keep it (see minidiff.workspace)
         self.params = {}
         self._tape = None
+        self._workers = None   # minidiff.procs.PartWorkers, forked on the first split call
 
     def _init_params(self, specs):
         """specs: iterable of (name, shape, init), in registration order; drawn on the host in that order."""
         rng = np.random.default_rng(self.config["seed"])
+        specs = list(specs)
+        shared = self._shared_params = None
+        if self.backend.name == "numpy" and procs.USE_PROCESSES:   # worker processes see the updates in place
+            shared = self._shared_params = procs.shared_arrays({name: shape for name, shape, _ in specs}, self.dtype)
         for name, shape, init in specs:
             host = init_param(rng, shape, init)
-            self.params[name] = self.backend.asarray(host, dtype=self.dtype)
+            if shared is None:
+                self.params[name] = self.backend.asarray(host, dtype=self.dtype)
+            else:
+                self.params[name] = shared[name]
+                self.params[name][...] = host   # the same float64 -> dtype rounding as asarray
 
     def _start(self, x, cache):
         """Cast the input to the model dtype and open a tape (or a NoTape) for this forward."""
@@ -80,21 +90,27 @@ class Denoiser:
 
     # Images are independent in these models (no batch statistics): a forward over a batch is the forwards over its
     # parts, and the parameter gradient is the sum of the parts' gradients. On the CPU the parts run on the cores,
-    # each single-threaded (minidiff.parallel); on a GPU, or with one BLAS thread, there is one part.
+    # each single-threaded: in worker processes (minidiff.procs) with the NumPy backend, else on threads
+    # (minidiff.parallel); on a GPU, or with one BLAS thread, there is one part.
     def _forward_in_parts(self, x, t, cache, forward_images):
         """forward_images(x_part, t_part, tape_part) -> output part, over parts of the batch; the outputs joined."""
         xp = self.backend.xp
         x, tape = self._start(x, cache)
         parts = batch_parts(x.shape[0], min(cpu_workers(xp), max(1, x.size // MIN_PART_ELEMENTS)))
         tapes = [Tape() if cache else NoTape() for _ in parts]
-        outs = map_parts(lambda k: forward_images(x[parts[k][0]:parts[k][1]], t[parts[k][0]:parts[k][1]], tapes[k]),
-                         range(len(parts)), xp)
-        tape.append((parts, tapes))
+        workers = self._part_workers(len(parts))
+        if workers is None:
+            outs = map_parts(lambda k: forward_images(x[parts[k][0]:parts[k][1]], t[parts[k][0]:parts[k][1]],
+                                                      tapes[k]), range(len(parts)), xp)
+        else:
+            outs = workers.run_parts(lambda: forward_images(x[:parts[0][1]], t[:parts[0][1]], tapes[0]), "forward",
+                                     forward_images.__name__, [(x[a:b], t[a:b], cache) for a, b in parts[1:]])
+        tape.append((parts, tapes, workers))
         return outs[0] if len(outs) == 1 else xp.concatenate(outs, axis=0)
 
     def _backward_in_parts(self, dout, backward_images):
         """backward_images(dout_part, tape_part) -> {name: gradient} per part, summed in part order."""
-        parts, tapes = self._tape_for_backward().pop()
+        parts, tapes, workers = self._tape_for_backward().pop()
 
         def part(k):
             grads = backward_images(dout[parts[k][0]:parts[k][1]], tapes[k])
@@ -102,11 +118,35 @@ class Denoiser:
                 raise RuntimeError(f"backward left {len(tapes[k])} caches unused: the tape is out of step")
             return grads
 
-        grads = map_parts(part, range(len(parts)), self.backend.xp)
+        if workers is None:
+            grads = map_parts(part, range(len(parts)), self.backend.xp)
+        else:
+            if workers.closed:
+                raise RuntimeError("the worker processes of this forward are gone: run the forward again")
+            grads = workers.run_parts(lambda: part(0), "backward", backward_images.__name__,
+                                      [dout[a:b] for a, b in parts[1:]])[:1] + workers.grads
         for other in grads[1:]:
             for name, g in other.items():
                 grads[0][name] += g
         return self._finish_backward(grads[0])
+
+    def worker_memory_mib(self) -> float:
+        """Peak memory (MiB) that this model's worker processes added since they forked; 0.0 without workers."""
+        workers = self._workers
+        return 0.0 if workers is None or workers.closed else workers.peak_memory_mib()
+
+    def _part_workers(self, n_parts):
+        """The processes that run parts 1..n_parts-1 (forked on first use), or None: the parts run on threads."""
+        if n_parts < 2 or self.backend.name != "numpy" or not procs.USE_PROCESSES:
+            return None
+        if getattr(self, "_shared_params", None) is None:
+            return None   # parameters made while USE_PROCESSES was off: not in shared memory
+        workers = self._workers
+        if workers is None or workers.closed or workers.count != n_parts - 1:
+            if workers is not None:
+                workers.close()
+            workers = self._workers = procs.PartWorkers(self, n_parts - 1)
+        return workers
 
     def _finish_backward(self, grads):
         """Check the tape was consumed and return the gradients in parameter order."""

@@ -6,7 +6,10 @@ in a UNet (no batch statistics), so a model can run the forward and backward of 
 core: `map_parts` hands the parts to a pool of Python threads, BLAS held to one thread meanwhile. NumPy releases the
 GIL inside its copies, ufunc loops and BLAS calls, so all the work of a step -- products, GroupNorm, attention,
 copies -- runs side by side; only the Python between NumPy calls takes turns. (scikit-learn drives BLAS threads
-with threadpoolctl the same way.) Used by `Denoiser._forward_in_parts` / `_backward_in_parts`.
+with threadpoolctl the same way.) Used by `Denoiser._forward_in_parts` / `_backward_in_parts` where worker
+processes are not (minidiff.procs: the plain NumPy backend on a system with fork runs its parts in processes,
+because those turns cost far more than the Python itself on this project's VMs; the strict test backend and
+systems without fork use the threads here).
 
 The number of workers is NumPy's BLAS thread count at the time of the call, read through threadpoolctl: whatever
 limits BLAS (threadpool_limits, OPENBLAS_NUM_THREADS) limits minidiff as well, and the PyTorch comparison in the
@@ -65,6 +68,15 @@ def _blas_held(workers):
     finally:
         _HELD["workers"] = None
         blas.set_num_threads(workers)
+
+
+def enter_worker():
+    """In a worker process (minidiff.procs): nested map_parts calls run serially and BLAS keeps one thread."""
+    _LOCAL.in_worker = True
+    _HELD["workers"] = None
+    blas = _blas_controller()
+    if blas is not None:
+        blas.set_num_threads(1)
 
 
 def _pool(workers):

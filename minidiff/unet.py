@@ -10,7 +10,7 @@ Output: GroupNorm -> SiLU -> 3x3 conv, initialised to zero as in DDPM.
 The modules compute channels-last, (N, H, W, C): the UNet transposes its NCHW input and output once, at its edges,
 and every GroupNorm -> SiLU pair is one fused layer (`minidiff.norm`). Parameters keep PyTorch's names and layouts.
 On a multi-core CPU the batch is split into one part per core, each part's forward and backward run side by side
-(`Denoiser._forward_in_parts`, minidiff.parallel), and the parts' gradients are summed.
+(`Denoiser._forward_in_parts`: worker processes, minidiff.procs), and the parts' gradients are summed.
 """
 
 from __future__ import annotations

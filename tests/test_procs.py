@@ -1,0 +1,114 @@
+"""Batch parts in worker processes (minidiff.procs): the same bits as the threaded parts, a part's error raised in
+the caller, dead workers reported and replaced, and workers that leave with their model."""
+
+import gc
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from minidiff import denoiser, procs
+from minidiff.optim import build_optimizer
+from minidiff.unet import UNet
+
+threadpoolctl = pytest.importorskip("threadpoolctl")
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="worker processes need os.fork")
+
+
+@pytest.fixture
+def two_parts(monkeypatch):
+    """Two BLAS threads, so two parts, even for a few images."""
+    monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS", 1)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        yield
+
+
+def _model(monkeypatch, use_processes):
+    monkeypatch.setattr(procs, "USE_PROCESSES", use_processes)
+    return UNet(base_channels=8, groups=4, channel_mults=(1, 2), attention_levels=(1,), seed=3)
+
+
+def _batch(seed, n=6):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 8, 8)).astype(np.float32), rng.integers(0, 1000, n)
+
+
+def test_process_parts_train_bit_for_bit_like_thread_parts(two_parts, monkeypatch):
+    """Three Adam steps: the workers see the optimizer's in-place updates (shared parameters), a forward without
+    cache between forward and backward leaves the workers' tapes alone, and every number is the threads' number."""
+    runs = {}
+    for use_processes in (True, False):
+        model = _model(monkeypatch, use_processes)
+        opt = build_optimizer("adam", model.params, lr=1e-2)
+        outs = []
+        for step in range(3):
+            x, t = _batch(step)
+            out = model.forward(x, t)
+            outs += [out, model.forward(x[:4], t[:4], cache=False)]
+            opt.step(model.backward(out - x))
+        assert (model._workers is not None) == use_processes
+        runs[use_processes] = outs, {k: v.copy() for k, v in model.params.items()}
+    for a, b in zip(runs[True][0], runs[False][0]):
+        np.testing.assert_array_equal(a, b)
+    for name, p in runs[False][1].items():
+        np.testing.assert_array_equal(runs[True][1][name], p, err_msg=name)
+
+
+def test_an_error_in_a_worker_part_is_raised_in_the_caller(two_parts, monkeypatch):
+    model = _model(monkeypatch, True)
+    x, t = _batch(0, 4)
+    bad = x.copy()
+    bad[3] = np.inf   # in part 1, the worker's: inf - inf in its GroupNorm
+    with np.errstate(all="raise"), pytest.raises(FloatingPointError):   # the caller's errstate reaches the worker
+        model.forward(bad, t)
+    workers = model._workers
+    assert not workers.closed   # the part's own error: the workers carry on
+    with np.errstate(all="raise"):
+        out = model.forward(x, t, cache=False)
+    assert model._workers is workers and np.isfinite(out).all()
+
+
+def test_a_dead_worker_is_reported_and_replaced(two_parts, monkeypatch):
+    model = _model(monkeypatch, True)
+    x, t = _batch(1, 4)
+    ref = model.forward(x, t, cache=False)
+    pid = model._workers.pids[0]
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(procs.WorkerError):
+        model.forward(x, t, cache=False)
+    assert model._workers.closed
+    np.testing.assert_array_equal(model.forward(x, t, cache=False), ref)   # new workers, the same numbers
+    assert model._workers.pids[0] != pid
+
+
+def test_a_backward_after_its_workers_closed_says_so(two_parts, monkeypatch):
+    model = _model(monkeypatch, True)
+    x, t = _batch(2, 4)
+    out = model.forward(x, t)
+    model._workers.close()
+    with pytest.raises(RuntimeError, match="run the forward again"):
+        model.backward(out)
+
+
+def test_workers_leave_with_their_model(two_parts, monkeypatch):
+    model = _model(monkeypatch, True)
+    model.forward(*_batch(3, 4), cache=False)
+    pids = list(model._workers.pids)
+    del model
+    gc.collect()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_shared_arrays_are_shared_with_a_forked_child():
+    arrays = procs.shared_arrays({"a": (3, 2), "b": (5,)}, np.float32)
+    assert arrays["a"].shape == (3, 2) and arrays["b"].dtype == np.float32 and not arrays["a"].any()
+    assert arrays["b"].ctypes.data % procs.ALIGN == 0
+    pid = os.fork()
+    if pid == 0:
+        arrays["b"][:] = 7.0
+        os._exit(0)
+    os.waitpid(pid, 0)
+    np.testing.assert_array_equal(arrays["b"], 7.0)
