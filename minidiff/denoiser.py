@@ -26,9 +26,10 @@ from .workspace import retain_freed_memory
 # A part must hold enough work to pay for running the network's Python once more and for the trip to a worker
 # process (minidiff.procs): about 16 digits (8x8). Measured on 2 cores with worker processes, interleaved (median of
 # 15 rounds, 2026-11-25): 32 images, forward 9.6 ms in 2 parts vs 12.0 in one, training step 20.4 vs 33.2; 16 images,
-# forward 7.6 vs 5.1, step 14.4 vs 13.6. (Parts on threads, where worker processes are not available, break even
-# only at ~48 digits a part: the threads share the GIL.)
+# forward 7.6 vs 5.1, step 14.4 vs 13.6. Parts on threads (where worker processes are not used) break even only at
+# ~48 digits a part, since the threads share the GIL (64 images: a step 5% and a forward 16% slower in 2 parts).
 MIN_PART_ELEMENTS = 16 * 64
+MIN_PART_ELEMENTS_THREADS = 48 * 64
 
 
 class Tape(list):
@@ -96,7 +97,8 @@ class Denoiser:
         """forward_images(x_part, t_part, tape_part) -> output part, over parts of the batch; the outputs joined."""
         xp = self.backend.xp
         x, tape = self._start(x, cache)
-        parts = batch_parts(x.shape[0], min(cpu_workers(xp), max(1, x.size // MIN_PART_ELEMENTS)))
+        min_part = MIN_PART_ELEMENTS if self._parts_in_processes() else MIN_PART_ELEMENTS_THREADS
+        parts = batch_parts(x.shape[0], min(cpu_workers(xp), max(1, x.size // min_part)))
         tapes = [Tape() if cache else NoTape() for _ in parts]
         workers = self._part_workers(len(parts))
         if workers is None:
@@ -124,7 +126,7 @@ class Denoiser:
             if workers.closed:
                 raise RuntimeError("the worker processes of this forward are gone: run the forward again")
             grads = workers.run_parts(lambda: part(0), "backward", backward_images.__name__,
-                                      [dout[a:b] for a, b in parts[1:]])[:1] + workers.grads
+                                      [dout[a:b] for a, b in parts[1:]])[:1] + workers.grads[:len(parts) - 1]
         for other in grads[1:]:
             for name, g in other.items():
                 grads[0][name] += g
@@ -135,17 +137,21 @@ class Denoiser:
         workers = self._workers
         return 0.0 if workers is None or workers.closed else workers.peak_memory_mib()
 
+    def _parts_in_processes(self) -> bool:
+        """Whether split calls run in worker processes: NumPy backend, procs.USE_PROCESSES, shared parameters."""
+        return (self.backend.name == "numpy" and procs.USE_PROCESSES
+                and getattr(self, "_shared_params", None) is not None)
+
     def _part_workers(self, n_parts):
-        """The processes that run parts 1..n_parts-1 (forked on first use), or None: the parts run on threads."""
-        if n_parts < 2 or self.backend.name != "numpy" or not procs.USE_PROCESSES:
+        """The processes that run parts 1..n_parts-1, or None: the parts run on threads (or there is one part).
+        Forked on first use, one per BLAS thread but one, so that later calls with fewer parts reuse them."""
+        if n_parts < 2 or not self._parts_in_processes():
             return None
-        if getattr(self, "_shared_params", None) is None:
-            return None   # parameters made while USE_PROCESSES was off: not in shared memory
         workers = self._workers
-        if workers is None or workers.closed or workers.count != n_parts - 1:
+        if workers is None or workers.closed or workers.count < n_parts - 1:
             if workers is not None:
                 workers.close()
-            workers = self._workers = procs.PartWorkers(self, n_parts - 1)
+            workers = self._workers = procs.PartWorkers(self, max(n_parts, cpu_workers(self.backend.xp)) - 1)
         return workers
 
     def _finish_backward(self, grads):

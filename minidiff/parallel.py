@@ -7,9 +7,9 @@ core: `map_parts` hands the parts to a pool of Python threads, BLAS held to one 
 GIL inside its copies, ufunc loops and BLAS calls, so all the work of a step -- products, GroupNorm, attention,
 copies -- runs side by side; only the Python between NumPy calls takes turns. (scikit-learn drives BLAS threads
 with threadpoolctl the same way.) Used by `Denoiser._forward_in_parts` / `_backward_in_parts` where worker
-processes are not (minidiff.procs: the plain NumPy backend on a system with fork runs its parts in processes,
-because those turns cost far more than the Python itself on this project's VMs; the strict test backend and
-systems without fork use the threads here).
+processes are not (minidiff.procs: the plain NumPy backend on Linux runs its parts in processes, because those
+turns cost far more than the Python itself on this project's VMs; the strict test backend and other systems use
+the threads here).
 
 The number of workers is NumPy's BLAS thread count at the time of the call, read through threadpoolctl: whatever
 limits BLAS (threadpool_limits, OPENBLAS_NUM_THREADS) limits minidiff as well, and the PyTorch comparison in the
@@ -61,13 +61,14 @@ def _blas_held(workers):
         yield
         return
     blas = _blas_controller()
+    before = blas.num_threads
     blas.set_num_threads(1)
     _HELD["workers"] = workers
     try:
         yield
     finally:
         _HELD["workers"] = None
-        blas.set_num_threads(workers)
+        blas.set_num_threads(before)
 
 
 def enter_worker():

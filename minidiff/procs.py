@@ -16,9 +16,10 @@ What is shared and what travels:
 A worker computes its part exactly as a thread would (the same code, one BLAS thread) and the caller adds the
 parts' gradients in part order, so results are bitwise those of the threaded parts.
 
-Lifetime: workers are forked on a model's first split call and live as long as the model (weakref.finalize) or
-until `close`; a worker exits when its pipe closes (also when the parent dies) and ignores SIGINT (Ctrl-C is the
-parent's to handle). Any failure of the round trip other than an error raised by the part's own computation
+Lifetime: on a model's first split call, one worker per core but one is forked (a call with fewer parts uses the
+first ones), and they live as long as the model (weakref.finalize) or until `close`; more are forked only if BLAS
+is later given more threads. A worker exits when its pipe closes (also when the parent dies), ignores SIGINT
+(Ctrl-C is the parent's to handle) and takes SIGTERM's default action. Any failure of the round trip other than an error raised by the part's own computation
 (which is re-raised in the caller) closes the workers; the next split call forks new ones.
 """
 
@@ -28,12 +29,16 @@ import math
 import mmap
 import os
 import signal
+import sys
+import warnings
 import weakref
 from multiprocessing.connection import Pipe
 
 import numpy
 
-USE_PROCESSES = hasattr(os, "fork")   # tests switch it off to compare with the threaded parts
+# Linux only: elsewhere fork is missing, or (macOS) unsafe once system frameworks such as Accelerate have started
+# threads. Set it to False before building a model to run its parts on threads (tests compare the two).
+USE_PROCESSES = sys.platform.startswith("linux")
 ALIGN = 64                             # bytes: each array of a shared block starts on a cache line
 
 
@@ -70,7 +75,6 @@ def _serve(conn, model, grads):
     """The worker's loop: run forward / backward requests on this process's part until the pipe closes."""
     from . import parallel
     from .denoiser import NoTape, Tape
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parallel.enter_worker()
     tape = None
     while True:
@@ -117,10 +121,16 @@ class PartWorkers:
         self.conns, self.pids = [], []
         for k in range(count):
             mine, theirs = Pipe()
-            pid = os.fork()
+            with warnings.catch_warnings():
+                # Python >= 3.12 warns about forking a process with threads (OpenBLAS's): the child only runs
+                # this module's loop, and OpenBLAS re-creates its pool after a fork (pthread_atfork)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
             if pid == 0:   # the worker: serve, then leave without running the parent's exit handlers
                 code = 0
                 try:
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)   # first: a Ctrl-C now is the parent's alone
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's "stop after this step" flag
                     mine.close()
                     _serve(theirs, model, self.grads[k])
                 except BaseException:   # noqa: BLE001
@@ -130,7 +140,7 @@ class PartWorkers:
             theirs.close()
             self.conns.append(mine)
             self.pids.append(pid)
-        self._finalizer = weakref.finalize(self, _close, self.conns, self.pids)
+        self._finalizer = weakref.finalize(self, _close, self.conns, self.pids, os.getpid())
 
     @property
     def count(self):
@@ -143,9 +153,13 @@ class PartWorkers:
     def peak_memory_mib(self):
         """The memory the workers added (each its private memory now, see `_private_mib`; freed memory stays with
         the process, minidiff.workspace, so that is its peak), MiB, summed."""
-        for k in range(self.count):
-            self.request(k, "memory", None, None)
-        return sum(self.reply(k) for k in range(self.count))
+        try:
+            for k in range(self.count):
+                self.request(k, "memory", None, None)
+            return sum(self.reply(k) for k in range(self.count))
+        except BaseException:   # a reply left unread would answer the next request
+            self.close()
+            raise
 
     def run_parts(self, local, op, method, worker_args):
         """Send (op, method, worker_args[k]) to worker k, run local() here meanwhile with BLAS on one thread, and
@@ -197,7 +211,9 @@ class PartWorkers:
         self._finalizer()
 
 
-def _close(conns, pids):
+def _close(conns, pids, owner):
+    if os.getpid() != owner:   # a finalizer inherited by a forked child: these workers are not its own
+        return
     for conn in conns:
         conn.close()
     for pid in pids:

@@ -135,6 +135,7 @@ def test_unet_on_two_threads_matches_one_thread(cpu_backend, monkeypatch):
     from minidiff import denoiser
     from minidiff.unet import UNet
     monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS", 1)   # split even this small batch
+    monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS_THREADS", 1)
     model = UNet(base_channels=8, groups=4, channel_mults=(1, 2), attention_levels=(1,), num_heads=2,
                  dtype="float64", device=cpu_backend)
     rng = np.random.default_rng(6)
@@ -153,12 +154,14 @@ def test_unet_on_two_threads_matches_one_thread(cpu_backend, monkeypatch):
 
 def test_a_batch_is_split_only_when_each_part_gets_enough_work(cpu_backend):
     threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
-    from minidiff.denoiser import MIN_PART_ELEMENTS
+    from minidiff import denoiser
     from minidiff.unet import UNet
     model = UNet(base_channels=8, groups=4, device=cpu_backend)
+    # parts in worker processes pay from smaller parts than parts on threads (the strict backend's)
+    min_part = denoiser.MIN_PART_ELEMENTS if model._parts_in_processes() else denoiser.MIN_PART_ELEMENTS_THREADS
     per_image = 64   # 1 x 8 x 8
     with threadpool_limits(2, user_api="blas"):
-        for n, parts in ((2 * MIN_PART_ELEMENTS // per_image - 1, 1), (2 * MIN_PART_ELEMENTS // per_image, 2)):
+        for n, parts in ((2 * min_part // per_image - 1, 1), (2 * min_part // per_image, 2)):
             x = cpu_backend.asarray(np.zeros((n, 1, 8, 8)), dtype=np.float32)
             model.forward(x, np.zeros(n, dtype=np.int64))
             assert len(model._tape[0][0]) == parts, n

@@ -13,13 +13,14 @@ from minidiff.optim import build_optimizer
 from minidiff.unet import UNet
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="worker processes need os.fork")
+pytestmark = pytest.mark.skipif(not procs.USE_PROCESSES, reason="worker processes run on Linux only")
 
 
 @pytest.fixture
 def two_parts(monkeypatch):
     """Two BLAS threads, so two parts, even for a few images."""
     monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS", 1)
+    monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS_THREADS", 1)
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
         yield
 
@@ -100,6 +101,42 @@ def test_workers_leave_with_their_model(two_parts, monkeypatch):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+class FakeBlas:
+    """Stands in for threadpoolctl's controller of NumPy's BLAS: a 4-core machine on this 2-core one."""
+
+    def __init__(self, threads):
+        self.num_threads = threads
+
+    def set_num_threads(self, n):
+        self.num_threads = n
+
+
+def test_fewer_parts_reuse_the_workers_and_blas_gets_its_threads_back(monkeypatch):
+    """With 4 BLAS threads: 3 workers at the first split; a 2-part forward between a 4-part forward and its backward
+    uses the first worker and leaves the others' tapes alone; BLAS ends at 4 threads, not at a part count."""
+    from minidiff import parallel
+    blas = FakeBlas(4)
+    monkeypatch.setattr(parallel, "_blas_controller", lambda: blas)
+    monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS", 1)
+    monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS_THREADS", 1)
+    model = _model(monkeypatch, True)
+    x, t = _batch(4, 8)
+    out = model.forward(x, t)
+    workers = model._workers
+    assert workers.count == 3 and len(model._tape[0][0]) == 4
+    small = model.forward(x[:2], t[:2], cache=False)
+    assert model._workers is workers and blas.num_threads == 4
+    grads = model.backward(out - x)
+    monkeypatch.setattr(procs, "USE_PROCESSES", False)   # the same model on threads: the same bits
+    threaded = _model(monkeypatch, False)
+    threaded.load_params(model.params)
+    np.testing.assert_array_equal(threaded.forward(x[:2], t[:2], cache=False), small)
+    np.testing.assert_array_equal(threaded.forward(x, t), out)
+    for name, g in threaded.backward(out - x).items():
+        np.testing.assert_array_equal(grads[name], g, err_msg=name)
+    assert blas.num_threads == 4
 
 
 def test_shared_arrays_are_shared_with_a_forked_child():
