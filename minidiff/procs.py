@@ -131,7 +131,8 @@ class PartWorkers:
                 try:
                     signal.signal(signal.SIGINT, signal.SIG_IGN)   # first: a Ctrl-C now is the parent's alone
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's "stop after this step" flag
-                    mine.close()
+                    for conn in self.conns + [mine]:   # the parent's ends, so only the parent holds them
+                        conn.close()
                     _serve(theirs, model, self.grads[k])
                 except BaseException:   # noqa: BLE001
                     code = 1

@@ -4,6 +4,10 @@ the caller, dead workers reported and replaced, and workers that leave with thei
 import gc
 import os
 import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -137,6 +141,46 @@ def test_fewer_parts_reuse_the_workers_and_blas_gets_its_threads_back(monkeypatc
     for name, g in threaded.backward(out - x).items():
         np.testing.assert_array_equal(grads[name], g, err_msg=name)
     assert blas.num_threads == 4
+
+
+def _exited(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(line for line in f if line.startswith("State:")).split()[1] == "Z"   # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_exit_when_their_parent_is_killed():
+    """SIGKILL gives the parent no chance to close anything: each worker must see its pipe close and leave."""
+    code = textwrap.dedent("""
+        import time
+        import numpy as np
+        from minidiff import denoiser, parallel
+        from minidiff.unet import UNet
+
+        class Blas:   # three workers, whatever this machine has
+            num_threads = 4
+            def set_num_threads(self, n):
+                self.num_threads = n
+
+        blas = Blas()
+        parallel._blas_controller = lambda: blas
+        denoiser.MIN_PART_ELEMENTS = 1
+        model = UNet(base_channels=8, groups=4)
+        model.forward(np.zeros((8, 1, 8, 8), np.float32), np.zeros(8, int), cache=False)
+        print(*model._workers.pids, flush=True)
+        time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 3
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while not all(_exited(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_exited(pid) for pid in pids)
 
 
 def test_shared_arrays_are_shared_with_a_forked_child():
