@@ -23,7 +23,7 @@ from minidiff.run_tools import (config_from_options, evaluate_run, format_evalua
 from minidiff.runs import RunFile, RunFileError
 from minidiff.schedules import SCHEDULES
 from minidiff.sweep import run_sweep, sweep_points
-from minidiff.train import TrainingDiverged, TrainingInterrupted, resume_run, start_run
+from minidiff.train import TrainingDiverged, TrainingInterrupted, resume_run, start_run, thread_count_note
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -215,6 +215,9 @@ def resume_command(run_file, steps, quiet):
         click.echo(f"{run_file} is already at step {trainer.step} (>= {until}); nothing to do")
         return
     click.echo(f"resuming {run_file} at step {trainer.step} -> {until}", err=True)
+    note = thread_count_note(run, trainer)
+    if note:
+        click.echo(note, err=True)
     _run_training(trainer, run, until, quiet)
     _report_done(run_file)
 

@@ -31,6 +31,7 @@ from .instruments import Instruments
 from .lr_schedules import make_lr_schedule
 from .models import MODELS, build_model
 from .optim import build_optimizer
+from .parallel import cpu_workers
 from .samplers import ddim_sample, ddpm_sample
 from .schedules import make_schedule
 
@@ -311,8 +312,21 @@ def start_run(config: TrainConfig, path, command_line: str = "", overwrite: bool
     run = RunFile.create(path, config.to_dict(), command_line=command_line, overwrite=overwrite,
                          backend=trainer.backend.name)
     run.set_attrs(layer_names=trainer.instruments.layer_names(), model_name=trainer.model_name,
-                  num_params=trainer.model.num_params())
+                  num_params=trainer.model.num_params(), cpu_threads=cpu_workers(trainer.backend.xp))
     return trainer, run
+
+
+def thread_count_note(run, trainer) -> str | None:
+    """One line for a resume with a CPU thread count other than the run's (None when they agree, or unrecorded).
+
+    A CPU batch is split into up to that many parts (minidiff.denoiser) whose gradients are added in part order,
+    so a continuation with another count matches an uninterrupted run to rounding, not bit for bit."""
+    before, now = run.attrs.get("cpu_threads"), cpu_workers(trainer.backend.xp)
+    if before is None or int(before) == now:
+        return None
+    return (f"note: {run.path.name} was trained with {int(before)} CPU thread(s) and resumes with {now}; the batch "
+            f"parts' gradients then add up in another order, so the continuation matches an uninterrupted run to "
+            f"rounding, not bit for bit (OPENBLAS_NUM_THREADS={int(before)} gives the same count)")
 
 
 def resume_run(path, steps: int | None = None):

@@ -150,6 +150,32 @@ def test_resume_past_the_planned_steps_equals_a_run_planned_that_long(tmp_path):
     assert "12 logged / 12 planned" in invoke("inspect", split).output
 
 
+class FakeBlas:
+    """threadpoolctl's controller of NumPy's BLAS, with a thread count of our choosing."""
+
+    def __init__(self, threads):
+        self.num_threads = threads
+
+    def set_num_threads(self, n):
+        self.num_threads = n
+
+
+def test_resume_with_another_cpu_thread_count_says_so(tmp_path, monkeypatch):
+    """The run file records the thread count; a resume with another one says it will not be bit for bit."""
+    from minidiff import parallel
+    out = tmp_path / "r.h5"
+    monkeypatch.setattr(parallel, "_blas_controller", lambda: FakeBlas(1))
+    assert invoke("train", *FAST, "--out", out).exit_code == 0
+    assert RunFile.open(out).attrs["cpu_threads"] == 1
+    result = invoke("resume", out, "--steps", "8", "-q")
+    assert result.exit_code == 0 and "CPU thread" not in result.output
+    monkeypatch.setattr(parallel, "_blas_controller", lambda: FakeBlas(2))
+    result = invoke("resume", out, "--steps", "10", "-q")
+    assert result.exit_code == 0, result.output
+    assert "trained with 1 CPU thread(s) and resumes with 2" in result.output
+    assert "OPENBLAS_NUM_THREADS=1" in result.output
+
+
 @pytest.mark.parametrize("schedule", [["cosine"], ["warmup", "--warmup-steps", "10"]], ids=["cosine", "long-warmup"])
 def test_resume_past_the_plan_of_a_total_dependent_lr_schedule_is_refused_untouched(tmp_path, schedule):
     out = tmp_path / "r.h5"
