@@ -17,8 +17,9 @@ over (spatial, Cg) as torch.nn.GroupNorm does. Written for speed on NumPy withou
   channels runs ~3x slower per element than a flat loop; see `_wide`);
 - per-group and per-channel values move between (N, G), (N, C) and the tiled (N, k C) by products with constant
   0/1 matrices (`_maps`): one small matmul instead of a reshape-sum, a repeat and a concatenate. Each output of a
-  spreading or tiling product is one value times 1 plus zeros, so it is exact; a group sum adds its Cg channels in
-  order, as the reduction did.
+  spreading or tiling product is one value times 1 plus zeros, so it is exact for finite values (an inf turns the
+  other columns' 0 * inf into NaN: a diverged run is non-finite either way); a group sum is a BLAS product, whose
+  float32 rounding can differ from the reduction it replaced (docs/momentum-study.md says what that changed).
 """
 
 from __future__ import annotations

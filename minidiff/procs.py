@@ -3,7 +3,7 @@
 Why processes: the parts of a batch are independent (minidiff.parallel), but threads share the GIL, and every NumPy
 call that releases it can hand it to the other thread. On this project's VMs a handoff costs tens of microseconds
 (a waiting thread sleeps and its core idles): two threads making 1-3 us NumPy calls ran at 0.36-0.73x the speed of
-one thread, and a 128-image digits step on 2 threads took 49-54 ms where two processes each running a 64-image step
+one thread, and a 128-image digits step on 2 threads took 49-55 ms where two processes each running a 64-image step
 side by side took 38-40 ms each. So on a multi-core CPU with the plain NumPy backend, part 0 runs in the calling
 process and parts 1..W-1 run in W-1 forked worker processes, one per part, each with one BLAS thread.
 
@@ -14,11 +14,12 @@ What is shared and what travels:
   activations  stay in the process that made them: a worker keeps its part's tape from forward to backward;
   x, t, dout   and the worker's output part travel pickled over a pipe (a few KB to a few MB a step).
 A worker computes its part exactly as a thread would (the same code, one BLAS thread) and the caller adds the
-parts' gradients in part order, so results are bitwise those of the threaded parts.
+parts' gradients in part order, so results are bitwise those of threaded parts with the same split (the two
+split from different batch sizes: minidiff.denoiser's MIN_PART_ELEMENTS and MIN_PART_ELEMENTS_THREADS).
 
-Lifetime: on a model's first split call, one worker per core but one is forked (a call with fewer parts uses the
-first ones), and they live as long as the model (weakref.finalize) or until `close`; more are forked only if BLAS
-is later given more threads. A worker exits when its pipe closes (also when the parent dies), ignores SIGINT
+Lifetime: on a model's first split call, one worker per BLAS thread but one is forked (a call with fewer parts
+uses the first ones), and they live as long as the model (weakref.finalize) or until `close`; if a later call needs
+more parts (BLAS was given more threads), they are closed and a full new set is forked. A worker exits when its pipe closes (also when the parent dies), ignores SIGINT
 (Ctrl-C is the parent's to handle) and takes SIGTERM's default action. Any failure of the round trip other than an error raised by the part's own computation
 (which is re-raised in the caller) closes the workers; the next split call forks new ones.
 """
@@ -152,8 +153,8 @@ class PartWorkers:
         return not self._finalizer.alive
 
     def peak_memory_mib(self):
-        """The memory the workers added (each its private memory now, see `_private_mib`; freed memory stays with
-        the process, minidiff.workspace, so that is its peak), MiB, summed."""
+        """The memory the workers added (each its private memory now, see `_private_mib`; freed blocks up to 32 MiB
+        stay with the process, minidiff.workspace, so that is its peak), MiB, summed."""
         try:
             for k in range(self.count):
                 self.request(k, "memory", None, None)
