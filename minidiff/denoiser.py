@@ -65,14 +65,16 @@ class Denoiser:
         self.params = {}
         self._tape = None
         self._workers = None   # minidiff.procs.PartWorkers, forked on the first split call
+        self._params_shared = False   # parameters in shared memory (set by _init_params), which workers need
 
     def _init_params(self, specs):
         """specs: iterable of (name, shape, init), in registration order; drawn on the host in that order."""
         rng = np.random.default_rng(self.config["seed"])
         specs = list(specs)
-        shared = self._shared_params = None
+        shared = None
         if self.backend.name == "numpy" and procs.USE_PROCESSES:   # worker processes see the updates in place
-            shared = self._shared_params = procs.shared_arrays({name: shape for name, shape, _ in specs}, self.dtype)
+            shared = procs.shared_arrays({name: shape for name, shape, _ in specs}, self.dtype)
+        self._params_shared = shared is not None
         for name, shape, init in specs:
             host = init_param(rng, shape, init)
             if shared is None:
@@ -138,9 +140,9 @@ class Denoiser:
         return 0.0 if workers is None or workers.closed else workers.peak_memory_mib()
 
     def _parts_in_processes(self) -> bool:
-        """Whether split calls run in worker processes: NumPy backend, procs.USE_PROCESSES, shared parameters."""
-        return (self.backend.name == "numpy" and procs.USE_PROCESSES
-                and getattr(self, "_shared_params", None) is not None)
+        """Whether split calls run in worker processes: parameters in shared memory (NumPy backend) and
+        procs.USE_PROCESSES still on."""
+        return self._params_shared and procs.USE_PROCESSES
 
     def _part_workers(self, n_parts):
         """The processes that run parts 1..n_parts-1, or None: the parts run on threads (or there is one part).

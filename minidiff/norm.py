@@ -72,14 +72,13 @@ def add_channels(a, v):
 
 
 def _maps(like, C, groups, k):
-    """Constant 0/1 matrices for C channels in `groups` groups on wide rows of k pixels:
-    R (C, G) sums each group's channels, E1 (G, C) spreads a group's value over its channels, E (G, k C) does so
-    tiled k times, T (C, k C) tiles per-channel values k times."""
+    """Constant 0/1 matrices for C channels in `groups` groups on wide rows of k pixels (per-channel values are
+    tiled by `tiled`): R (C, G) sums each group's channels, E1 (G, C) spreads a group's value over its channels,
+    E (G, k C) does so tiled k times."""
     def build(xp, dtype):
         chan = xp.arange(k * C) % C                                    # the channel of each wide-row column
         E = (chan[None, :] // (C // groups) == xp.arange(groups)[:, None]).astype(dtype)
-        T = (chan[None, :] == xp.arange(C)[:, None]).astype(dtype)
-        return xp.ascontiguousarray(E[:, :C].T), xp.ascontiguousarray(E[:, :C]), E, T
+        return xp.ascontiguousarray(E[:, :C].T), xp.ascontiguousarray(E[:, :C]), E
     return constant(("group_norm", C, groups, k), like, build)
 
 
@@ -100,7 +99,7 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
     count, k = x3.shape[1] * (C // groups), _wide(x3)
-    R, _, E, T = _maps(x, C, groups, k)
+    R, _, E = _maps(x, C, groups, k)
     xw = x3.reshape(N, -1, k * C)                                            # wide rows (see the module doc)
     out = xp.empty_like(xw)
     dsilu = xp.empty_like(xw) if silu and cache else None   # 2 SiLU'(h), for the backward
@@ -110,8 +109,8 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=
     xp.subtract(xw, mean_t[:, None], out=tmp)
     tmp *= tmp
     inv_std = 1.0 / xp.sqrt(_group_means(channel_sums(tmp.reshape(x3.shape)), R, count) + eps)   # (N, G)
-    a = (inv_std @ E) * (gamma @ T)                                          # h = x * a + b, a and b (N, k C)
-    b = beta @ T - mean_t * a
+    a = (inv_std @ E) * tiled(gamma, k)                                      # h = x * a + b, a and b (N, k C)
+    b = tiled(beta, k) - mean_t * a
     if silu:
         half_h = xp.multiply(xw, (a * 0.5)[:, None], out=tmp)
         half_h += (b * 0.5)[:, None]
@@ -146,7 +145,7 @@ def group_norm_nhwc_backward(dout, cache):
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
     count, k = x3.shape[1] * (C // groups), _wide(x3)
-    R, E1, E, T = _maps(x, C, groups, k)
+    R, E1, E = _maps(x, C, groups, k)
     xw, dw = x3.reshape(N, -1, k * C), dout.reshape(N, -1, k * C)            # wide rows (see the module doc)
     dx = xp.empty_like(xw)
     mean_c, inv_c = mean @ E1, inv_std @ E1                                  # (N, C)
@@ -163,6 +162,6 @@ def group_norm_nhwc_backward(dout, cache):
     mean_gx = _group_means(sum_dxhat * gamma, R, count)
     xp.multiply(xw, ((-inv_std * inv_std * mean_gx) @ E)[:, None], out=tmp)        # x * B
     tmp += ((inv_std * (mean * inv_std * mean_gx - mean_g)) @ E)[:, None]           # + D
-    xp.multiply(q, ((inv_c * gamma * half) @ T)[:, None], out=dx)                   # dh * A (q may be dx itself)
+    xp.multiply(q, tiled(inv_c * gamma * half, k)[:, None], out=dx)                # dh * A (q may be dx itself)
     dx += tmp
     return dx.reshape(dout.shape), {"weight": sum_dxhat.sum(axis=0), "bias": sum_d.sum(axis=0)}
