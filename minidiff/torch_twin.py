@@ -20,7 +20,7 @@ from .backend import to_numpy
 def _embedding(torch, t, dim, dtype):
     """DDPM's sinusoidal embedding, computed in float64 like the model's (so float32 twins see the same numbers)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float64))
+    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float64, device=t.device))
     args = t.to(torch.float64)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     if dim % 2:
