@@ -13,6 +13,7 @@ The device is chosen by argument (`--device` on the CLI) or by the environment v
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -146,3 +147,22 @@ def to_numpy(a):
 def to_float(a) -> float:
     """Explicit device -> host transfer of a scalar (it synchronises on a GPU: call it where a number is needed)."""
     return float(to_numpy(a))
+
+
+def is_cupy_module(xp) -> bool:
+    return getattr(xp, "__name__", "") == "cupy"
+
+
+@functools.lru_cache(maxsize=None)
+def elementwise_kernel(xp, in_params: str, out_params: str, body: str, name: str):
+    """A CuPy ElementwiseKernel, made once per signature: CuPy compiles it on first use and caches the binary.
+
+    Built from the module object a caller already holds (its arrays' module), so no file but this imports CuPy.
+    """
+    return xp.ElementwiseKernel(in_params, out_params, body, name)
+
+
+@functools.lru_cache(maxsize=None)
+def reduction_kernel(xp, in_params: str, out_params: str, map_expr: str, name: str):
+    """A CuPy ReductionKernel summing `map_expr` (made once per signature, like `elementwise_kernel`)."""
+    return xp.ReductionKernel(in_params, out_params, map_expr, "a + b", "y = a", "0", name)

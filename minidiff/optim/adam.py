@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import fused
 from .base import Optimizer, check_beta, check_positive
 
 
@@ -68,6 +69,10 @@ class Adam(Optimizer):
         c1 = 1.0 - self.beta1 ** t if self.bias_correction else 1.0
         c2 = 1.0 - self.beta2 ** t if self.bias_correction else 1.0
         return {"c1": c1, "c2": c2, "sqrt_c2": c2 ** 0.5, "step_size": self.lr / c1}
+
+    @property
+    def _fused_update(self):
+        return None if self.amsgrad else fused.adam
 
     def _update(self, name, theta, g, tmp, u, coef, diag) -> None:
         xp, st = self._xp, self.state[name]

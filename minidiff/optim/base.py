@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import backend_of, get_array_module, to_numpy
+from . import fused
 
 
 def check_nonnegative(name: str, value) -> None:
@@ -153,6 +154,10 @@ class Optimizer:
         self._check_grads(grads)  # all of them before any update: a bad one must leave params and state untouched
         self.step_count += 1
         coef = self._coefficients()
+        if not diagnostics and self._fused_update is not None and fused.available(self._xp):
+            for name, theta in self.params.items():   # one kernel launch per parameter (minidiff.optim.fused)
+                self._fused_update(self, theta, grads[name], self.state[name], coef)
+            return None
         diag = Diagnostics(self._xp, per_param) if diagnostics else None
         for name, theta in self.params.items():
             g, tmp, u = self._scratch[name]
@@ -196,6 +201,11 @@ class Optimizer:
     def _coefficients(self) -> dict:
         """Host floats this step needs (bias corrections, step sizes); computed once per step, not per parameter."""
         return {}
+
+    @property
+    def _fused_update(self):
+        """The one-launch CuPy update for this configuration (a function of minidiff.optim.fused), or None."""
+        return None
 
     def _update(self, name, theta, g, tmp, u, coef, diag) -> None:
         """Write u_t into `u` and advance this parameter's state. `g` and `tmp` may be overwritten."""

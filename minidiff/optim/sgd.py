@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import fused
 from .base import Optimizer, check_nonnegative
 
 
@@ -72,6 +73,10 @@ class SGD(Optimizer):
 
     def direction_buffer(self, name: str):
         return self.state[name]["momentum_buffer"] if self.momentum != 0.0 else None
+
+    @property
+    def _fused_update(self):
+        return fused.sgd
 
     def _update(self, name, theta, g, tmp, u, coef, diag) -> None:
         xp, lr, mu = self._xp, self.lr, self.momentum

@@ -1,0 +1,87 @@
+"""One-launch optimizer updates for CuPy: each parameter's whole step as a single elementwise kernel.
+
+Why: on a GPU every `out=` operation of the generic step (`Optimizer.step` -> `_update`) is its own kernel launch,
+about ten per parameter for Adam, and with ~100 parameter arrays of a few thousand elements each it is the launches,
+not the arithmetic, that set the step's time. These kernels compute the same equations as the classes' `_update`
+(see their docstrings), term by term in the same order, and write θ_t, the state buffers in place.
+
+They agree with the generic path to float32 rounding, not bit for bit: nvcc contracts a * b + c into one fused
+multiply-add, which rounds once where NumPy rounds twice. `tests/test_gpu.py` compares them with NumPy.
+
+Used by `Optimizer.step` when the array module is CuPy, `ENABLED` is true, the step asks for no diagnostics (they need
+u_t and the buffers before the step) and the optimizer has a kernel (Adam/AdamW without AMSGrad, SGD in every form);
+every other case takes the generic path. The kernels are built from the module object the optimizer already holds,
+so this file imports nothing from CuPy itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import elementwise_kernel, is_cupy_module
+
+ENABLED = True   # tests switch it off to compare with the generic path on the same device
+
+# g_t = ±∇f + λθ exactly as Optimizer._effective_grad orders it (λθ first, then ±∇f added)
+_EFFECTIVE_GRAD = "T g = wd_coupled != (T)0 ? wd_coupled * theta + sign * grad : sign * grad;"
+
+_ADAM = _EFFECTIVE_GRAD + """
+m = m + (g - m) * one_minus_beta1;
+v = v * beta2 + (g * one_minus_beta2) * g;
+T u = m / (sqrt(v) / sqrt_c2 + eps) * neg_step_size;
+if (neg_lr_wd != (T)0) u = u + theta * neg_lr_wd;
+theta = theta + u;
+"""
+
+_SGD_MOMENTUM = _EFFECTIVE_GRAD + """
+b = first ? g : b * momentum + g * one_minus_dampening;
+T d = nesterov ? b * momentum + g : b;
+theta = theta + d * neg_lr;
+"""
+
+_SGD = _EFFECTIVE_GRAD + "theta = theta + g * neg_lr;"
+
+_GRAD_IN = "T grad, T sign, T wd_coupled"
+
+
+def available(xp) -> bool:
+    return ENABLED and is_cupy_module(xp)
+
+
+_SIGNATURES = {   # name -> (in_params, out_params, body)
+    "adam": (_GRAD_IN + ", T one_minus_beta1, T beta2, T one_minus_beta2, T sqrt_c2, T eps, T neg_step_size, "
+                        "T neg_lr_wd", "T theta, T m, T v", _ADAM),
+    "sgd_momentum": (_GRAD_IN + ", T momentum, T one_minus_dampening, T neg_lr, int32 first, int32 nesterov",
+                     "T theta, T b", _SGD_MOMENTUM),
+    "sgd": (_GRAD_IN + ", T neg_lr", "T theta", _SGD),
+}
+
+
+def _kernel(xp, name: str):
+    return elementwise_kernel(xp, *_SIGNATURES[name], "minidiff_" + name)
+
+
+def _grad_args(opt, theta, grad) -> tuple:
+    t = theta.dtype.type   # scalars in the parameter's dtype, as NumPy rounds a Python float against a float32 array
+    wd = opt.weight_decay if opt.coupled_weight_decay else 0.0
+    return grad, t(-1.0 if opt.maximize else 1.0), t(wd)
+
+
+def adam(opt, theta, grad, state: dict, coef: dict) -> None:
+    """θ, m, v <- one Adam/AdamW step (`Adam._update` plus θ += u) in one launch."""
+    t = theta.dtype.type
+    decoupled = 0.0 if opt.coupled_weight_decay else -opt.lr * opt.weight_decay
+    _kernel(opt._xp, "adam")(*_grad_args(opt, theta, grad), t(1.0 - opt.beta1), t(opt.beta2), t(1.0 - opt.beta2),
+                             t(coef["sqrt_c2"]), t(opt.eps), t(-coef["step_size"]), t(decoupled),
+                             theta, state["exp_avg"], state["exp_avg_sq"])
+
+
+def sgd(opt, theta, grad, state: dict, coef: dict) -> None:
+    """θ (and the momentum buffer) <- one SGD step (`SGD._update` plus θ += u) in one launch."""
+    t = theta.dtype.type
+    if opt.momentum == 0.0:
+        _kernel(opt._xp, "sgd")(*_grad_args(opt, theta, grad), t(-opt.lr), theta)
+        return
+    _kernel(opt._xp, "sgd_momentum")(*_grad_args(opt, theta, grad), t(opt.momentum), t(1.0 - opt.dampening),
+                                     t(-opt.lr), np.int32(opt.step_count == 1), np.int32(opt.nesterov),
+                                     theta, state["momentum_buffer"])
