@@ -20,13 +20,15 @@ over (spatial, Cg) as torch.nn.GroupNorm does. Written for speed on NumPy withou
   spreading or tiling product is one value times 1 plus zeros, so it is exact for finite values (an inf turns the
   other columns' 0 * inf into NaN: a diverged run is non-finite either way); a group sum is a BLAS product, whose
   float32 rounding can differ from the reduction it replaced (docs/momentum-study.md says what that changed).
+On CuPy all of this is launches, not arithmetic: `minidiff.norm_gpu` computes the same function in fused kernels.
 """
 
 from __future__ import annotations
 
 import functools
 
-from .backend import get_array_module
+from . import norm_gpu
+from .backend import get_array_module, is_cupy_module
 from .workspace import constant, ones_row, scratch
 
 
@@ -34,6 +36,8 @@ def channel_sums(a):
     """a (N, S, C) -> (N, C), sums over S as a batched matrix-vector product (far faster in NumPy than
     a.sum(axis=1), a reduction over a strided axis). Also the conv bias gradient and the UNet's timestep gradient."""
     xp = get_array_module(a)
+    if is_cupy_module(xp):
+        return a.sum(axis=1)   # one reduction kernel; a matmul costs a GPU several times its host time
     return xp.matmul(ones_row(a.shape[1], a), a).reshape(a.shape[0], a.shape[2])
 
 
@@ -62,6 +66,9 @@ def add_channels(a, v):
     if not a.flags.c_contiguous:
         raise ValueError("add_channels works in place on a C-contiguous array")   # a reshape would be a copy
     N, C = a.shape[0], a.shape[-1]
+    if is_cupy_module(get_array_module(a)):   # a broadcast add is one kernel there; wide rows only pay in NumPy
+        a.reshape(N, -1, C)[...] += v if v.ndim == 1 else v[:, None]
+        return a
     S = a.size // (N * C)
     k = _wide_factor(S, C, WIDE)
     if v.ndim == 1:
@@ -96,6 +103,8 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=
     of the forward's passes, and returns None for the cache.
     """
     xp = get_array_module(x)
+    if is_cupy_module(xp):
+        return norm_gpu.group_norm_forward(xp, x, gamma, beta, groups, eps, silu, cache)
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
     count, k = x3.shape[1] * (C // groups), _wide(x3)
@@ -142,6 +151,8 @@ def group_norm_nhwc_backward(dout, cache):
     """dout like x -> dx, {"weight": dgamma (C,), "bias": dbeta (C,)}."""
     x, mean, inv_std, gamma, groups, dsilu = cache
     xp = get_array_module(dout)
+    if is_cupy_module(xp):
+        return norm_gpu.group_norm_backward(xp, dout, cache)
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
     count, k = x3.shape[1] * (C // groups), _wide(x3)

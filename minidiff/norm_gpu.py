@@ -1,0 +1,80 @@
+"""GroupNorm (+ SiLU) for CuPy: the same function as `minidiff.norm`, in a handful of fused kernels.
+
+Why a second form: `minidiff.norm` is arranged for NumPy on a CPU (group sums as small matrix products with 0/1
+matrices, wide rows, scratch buffers), which costs ~30 array operations for a forward and ~40 for a backward. On a
+GPU each operation is a kernel launch with ~10-80 µs of host time (a matmul is the dearest), and at this model's
+sizes those launches, not the arithmetic, set the step's time. Here the elementwise work is one kernel per pass
+(normalise + scale + shift + SiLU + SiLU's derivative in the forward, the whole dx in the backward) and the group
+statistics are CuPy reductions over the (N, S, G, Cg) view of x, where a group's channels are contiguous.
+
+The equations are `minidiff.norm`'s, written the same way (the folded affine map h = x a + b, SiLU through tanh(h/2),
+the stored 2 SiLU'(h), dx = dh A + x B + D; see the comments there); results agree to float32 rounding (the sums run
+in another order). The cache has `minidiff.norm`'s layout, so either backward can read it.
+"""
+
+from __future__ import annotations
+
+from .backend import elementwise_kernel, reduction_kernel
+
+_AFFINE = "T a = inv_std * gamma; T b = beta - mean * a;"
+_HALF_H = _AFFINE + "T hh = x * (a * (T)0.5) + b * (T)0.5; T t = tanh(hh); T ht = hh * t;"
+_STATS_IN = "T x, T mean, T inv_std, T gamma, T beta"
+_FORWARD = {   # (silu, cache) -> (out_params, body)
+    (False, False): ("T out", _AFFINE + "out = x * a + b;"),
+    (False, True): ("T out", _AFFINE + "out = x * a + b;"),
+    (True, False): ("T out", _HALF_H + "out = hh + ht;"),
+    (True, True): ("T out, T dsilu", _HALF_H + "out = hh + ht; dsilu = (hh - ht + (T)1) * (t + (T)1);"),
+}
+
+
+def _per_group(a, N, G):
+    """(N, G) -> (N, 1, G, 1), broadcasting against the (N, S, G, Cg) view."""
+    return a.reshape(N, 1, G, 1)
+
+
+def group_norm_forward(xp, x, gamma, beta, groups, eps, silu, cache):
+    """As `minidiff.norm.group_norm_nhwc_forward`, on CuPy arrays."""
+    N, C = x.shape[0], x.shape[-1]
+    x4 = x.reshape(N, -1, groups, C // groups)
+    count = x4.shape[1] * x4.shape[3]
+    mean = x4.sum(axis=(1, 3)) / count                                           # (N, G)
+    sq = elementwise_kernel(xp, "T x, T mean", "T y", "T d = x - mean; y = d * d", "minidiff_gn_sq")(
+        x4, _per_group(mean, N, groups))
+    inv_std = elementwise_kernel(xp, "T s, T n, T eps", "T inv", "inv = (T)1 / sqrt(s / n + eps)",
+                                 "minidiff_gn_inv_std")(sq.sum(axis=(1, 3)), x.dtype.type(count), x.dtype.type(eps))
+    del sq
+    out_params, body = _FORWARD[(bool(silu), bool(cache))]
+    g4, b4 = gamma.reshape(1, 1, groups, -1), beta.reshape(1, 1, groups, -1)
+    outs = elementwise_kernel(xp, _STATS_IN, out_params, body, f"minidiff_gn_fwd_{int(silu)}{int(cache)}")(
+        x4, _per_group(mean, N, groups), _per_group(inv_std, N, groups), g4, b4)
+    out, dsilu = outs if isinstance(outs, tuple) else (outs, None)
+    return out.reshape(x.shape), ((x, mean, inv_std, gamma, groups, dsilu) if cache else None)
+
+
+def group_norm_backward(xp, dout, cache):
+    """As `minidiff.norm.group_norm_nhwc_backward` (see the derivation there), on CuPy arrays."""
+    x, mean, inv_std, gamma, groups, dsilu = cache
+    N, C = x.shape[0], x.shape[-1]
+    Cg = C // groups
+    x3, shape4 = x.reshape(N, -1, C), (N, -1, groups, Cg)
+    count = x3.shape[1] * Cg
+    if dsilu is not None:
+        q, half = xp.multiply(dout.reshape(x3.shape), dsilu.reshape(x3.shape)), 0.5   # 2 dh
+    else:
+        q, half = dout.reshape(x3.shape), 1.0
+    sums = q.sum(axis=1).reshape(N, groups, Cg), reduction_kernel(
+        xp, "T q, T x", "T y", "q * x", "minidiff_sum_product")(q, x3, axis=1).reshape(N, groups, Cg)
+    # per (image, channel): sum_s dh, sum_s dh x_hat, both times gamma, and A; then per (image, group): B, D
+    sum_d, sum_dxhat, gd, gdx, A = elementwise_kernel(
+        xp, "T sum_q, T sum_qx, T mean, T inv, T gamma, T scale", "T sd, T sdxhat, T gd, T gdx, T A",
+        "sd = sum_q * scale; sdxhat = (sum_qx * scale - mean * sd) * inv; gd = sd * gamma; gdx = sdxhat * gamma; "
+        "A = inv * gamma * scale;", "minidiff_gn_bwd_channels")(
+        *sums, mean[:, :, None], inv_std[:, :, None], gamma.reshape(groups, Cg), x.dtype.type(half))
+    B, D = elementwise_kernel(
+        xp, "T inv, T mean, T sum_gx, T sum_g, T n", "T B, T D",
+        "T mgx = sum_gx / n; B = -inv * inv * mgx; D = inv * (mean * inv * mgx - sum_g / n);",
+        "minidiff_gn_bwd_groups")(inv_std, mean, gdx.sum(axis=2), gd.sum(axis=2), x.dtype.type(count))
+    A = A.reshape(N, 1, groups, Cg)
+    dx = elementwise_kernel(xp, "T q, T x, T A, T B, T D", "T dx", "dx = q * A + (x * B + D)", "minidiff_gn_dx")(
+        q.reshape(shape4), x3.reshape(shape4), A, _per_group(B, N, groups), _per_group(D, N, groups))
+    return dx.reshape(dout.shape), {"weight": sum_dxhat.reshape(N, C).sum(axis=0), "bias": sum_d.reshape(N, C).sum(axis=0)}
