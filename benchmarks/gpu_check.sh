@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 7 in one call of a lent GPU machine (see benchmarks/README.md): the tests that run on CuPy,
+# where the GPU step's time goes, then the benchmark against PyTorch CUDA eager. Logs and JSON go to $OUT.
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [tests] [breakdown] [bench] [memory]    (default: all but memory)
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+steps=${*:-tests breakdown bench}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import cupy, numpy, torch; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__)"
+for step in $steps; do
+  case $step in
+    tests)  # the CuPy parametrisations of every backend-parametrised test, and tests/test_gpu.py
+      timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 150 -k gpu tests/ -rfs 2>&1 \
+        | tee "$OUT/tests.log" | tail -40 ;;
+    breakdown)
+      timeout 90 python3 benchmarks/gpu_breakdown.py 2>&1 | tee "$OUT/breakdown.log" ;;
+    bench)
+      timeout 200 python3 benchmarks/run.py --device gpu --no-memory --out "$OUT/bench.json" 2>&1 \
+        | tee "$OUT/bench.log" | tail -12 ;;
+    memory)
+      timeout 200 python3 benchmarks/run.py --device gpu --repeats 3 --out "$OUT/bench_mem.json" 2>&1 \
+        | tee "$OUT/bench_mem.log" | tail -12 ;;
+  esac
+done
