@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 7 in one call of a lent GPU machine (see benchmarks/README.md): the tests that run on CuPy,
 # where the GPU step's time goes, then the benchmark against PyTorch CUDA eager. Logs and JSON go to $OUT.
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [tests] [breakdown] [bench] [memory]    (default: all but memory)
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [tests] [breakdown] [bench] [memory] [cli]   (default: the first three)
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -22,5 +22,10 @@ for step in $steps; do
     memory)
       timeout 200 python3 benchmarks/run.py --device gpu --repeats 3 --out "$OUT/bench_mem.json" 2>&1 \
         | tee "$OUT/bench_mem.log" | tail -12 ;;
+    cli)  # the main job end to end on the GPU: `minidiff train` with its defaults, then inspect and sample the run
+      { time timeout 200 python3 cli.py train --device gpu --quiet --out "$OUT/gpu_run.h5"; } 2>&1 \
+        | tee "$OUT/train.log" | tail -8
+      timeout 60 python3 cli.py inspect "$OUT/gpu_run.h5" 2>&1 | tee "$OUT/inspect.log" | tail -15
+      timeout 60 python3 cli.py sample "$OUT/gpu_run.h5" --out "$OUT/gpu_samples.png" 2>&1 | tail -3 ;;
   esac
 done
