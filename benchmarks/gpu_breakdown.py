@@ -62,12 +62,14 @@ def breakdown(name, repeats=20):
     forward()
     row["backward"] = _median_ms(lambda: (forward(), backward()), be.synchronize, repeats) - row["forward"]
     grads = state["grads"]
-    for enabled in (True, False):
-        fused.ENABLED = enabled
-        opt.step(grads)
-        row["adam_fused" if enabled else "adam_generic"] = _median_ms(lambda: opt.step(grads), be.synchronize,
-                                                                       repeats)
-    fused.ENABLED = True
+    try:
+        for enabled in (True, False):
+            fused.ENABLED = enabled
+            opt.step(grads)
+            row["adam_fused" if enabled else "adam_generic"] = _median_ms(lambda: opt.step(grads), be.synchronize,
+                                                                           repeats)
+    finally:
+        fused.ENABLED = True
     state["enqueue"] = []
     be.synchronize()
     for _ in range(repeats):

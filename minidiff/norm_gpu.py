@@ -2,8 +2,9 @@
 
 Why a second form: `minidiff.norm` is arranged for NumPy on a CPU (group sums as small matrix products with 0/1
 matrices, wide rows, scratch buffers), which costs ~30 array operations for a forward and ~40 for a backward. On a
-GPU each operation is a kernel launch with ~10-80 µs of host time (a matmul is the dearest), and at this model's
-sizes those launches, not the arithmetic, set the step's time. Here the elementwise work is one kernel per pass
+GPU each operation is a kernel launch that costs the host 9-19 µs (measured on an H200, BENCHMARKS.md; an add is the
+cheapest, a matmul or a sum the dearest), and at this model's sizes those launches, not the arithmetic, set the
+step's time. Here the elementwise work is one kernel per pass
 (normalise + scale + shift + SiLU + SiLU's derivative in the forward, the whole dx in the backward) and the group
 statistics are CuPy reductions over the (N, S, G, Cg) view of x, where a group's channels are contiguous.
 
@@ -45,7 +46,8 @@ def group_norm_forward(xp, x, gamma, beta, groups, eps, silu, cache):
     del sq
     out_params, body = _FORWARD[(bool(silu), bool(cache))]
     g4, b4 = gamma.reshape(1, 1, groups, -1), beta.reshape(1, 1, groups, -1)
-    outs = elementwise_kernel(xp, _STATS_IN, out_params, body, f"minidiff_gn_fwd_{int(silu)}{int(cache)}")(
+    name = f"minidiff_gn_fwd_{int(silu)}{int(silu and cache)}"   # without SiLU the cache changes nothing here
+    outs = elementwise_kernel(xp, _STATS_IN, out_params, body, name)(
         x4, _per_group(mean, N, groups), _per_group(inv_std, N, groups), g4, b4)
     out, dsilu = outs if isinstance(outs, tuple) else (outs, None)
     return out.reshape(x.shape), ((x, mean, inv_std, gamma, groups, dsilu) if cache else None)
@@ -75,6 +77,8 @@ def group_norm_backward(xp, dout, cache):
         "T mgx = sum_gx / n; B = -inv * inv * mgx; D = inv * (mean * inv * mgx - sum_g / n);",
         "minidiff_gn_bwd_groups")(inv_std, mean, gdx.sum(axis=2), gd.sum(axis=2), x.dtype.type(count))
     A = A.reshape(N, 1, groups, Cg)
-    dx = elementwise_kernel(xp, "T q, T x, T A, T B, T D", "T dx", "dx = q * A + (x * B + D)", "minidiff_gn_dx")(
-        q.reshape(shape4), x3.reshape(shape4), A, _per_group(B, N, groups), _per_group(D, N, groups))
-    return dx.reshape(dout.shape), {"weight": sum_dxhat.reshape(N, C).sum(axis=0), "bias": sum_d.reshape(N, C).sum(axis=0)}
+    dx = elementwise_kernel(xp, "T q, T x, T A, T B, T D", "T dx", "dx = q * A + (x * B + D)",
+                            "minidiff_gn_dx")(q.reshape(shape4), x3.reshape(shape4), A, _per_group(B, N, groups),
+                                              _per_group(D, N, groups))
+    dgamma, dbeta = sum_dxhat.reshape(N, C).sum(axis=0), sum_d.reshape(N, C).sum(axis=0)
+    return dx.reshape(dout.shape), {"weight": dgamma, "bias": dbeta}

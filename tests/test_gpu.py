@@ -73,19 +73,26 @@ def test_fused_group_norm_on_the_gpu_matches_numpy(silu, dtype):
 
 
 OPTIMIZERS = [
-    ("adam", {}), ("adam", dict(weight_decay=0.1, maximize=True)), ("adamw", dict(weight_decay=0.1)),
-    ("sgd", dict(lr=0.1)), ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01)),
-    ("nesterov", dict(lr=0.1, momentum=0.9)), ("adam", dict(amsgrad=True)), ("nadam", {}),
+    ("adam", {}), ("adam", dict(weight_decay=0.1, maximize=True)), ("adam", dict(bias_correction=False)),
+    ("adamw", dict(weight_decay=0.1)), ("adamw", dict(weight_decay=0.1, maximize=True)),
+    ("sgd", dict(lr=0.1)), ("sgd", dict(lr=0.1, weight_decay=0.01, maximize=True)),
+    ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01)), ("sgd", dict(lr=0.1, momentum=0.5,
+                                                                                         maximize=True)),
+    ("nesterov", dict(lr=0.1, momentum=0.9)), ("nesterov", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    ("adam", dict(amsgrad=True)), ("nadam", {}),
 ]
 
 
-def _run_optimizer(backend, name, hyper, dtype, steps=6):
+def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None):
     rng = np.random.default_rng(1)
     shapes = {"w": (16, 8, 3, 3), "b": (16,), "s": ()}
     params = {k: backend.asarray(rng.standard_normal(s), dtype=dtype) for k, s in shapes.items()}
     opt = build_optimizer(name, params, **hyper)
-    for _ in range(steps):
-        opt.step({k: backend.asarray(rng.standard_normal(s), dtype=dtype) for k, s in shapes.items()})
+    for step in range(steps):
+        if step == 3:
+            opt.lr = opt.lr * 0.7   # a schedule changes the rate mid-run
+        grads = {k: backend.asarray(rng.standard_normal(s), dtype=grad_dtype or dtype) for k, s in shapes.items()}
+        opt.step(grads, diagnostics=step % 3 == 2)   # training's log steps ask for diagnostics: the generic path
     return {k: to_numpy(p) for k, p in params.items()}, opt.state_dict()["buffers"]
 
 
@@ -107,6 +114,13 @@ def test_optimizer_steps_on_the_gpu_match_numpy_fused_or_not(name, hyper, dtype,
             assert _rel(gpu_params[k], p) < RTOL[dtype] / 10, (enabled, k)  # six steps, no deep network
             for b, arr in cpu_bufs[k].items():
                 assert _rel(gpu_bufs[k][b], arr) < RTOL[dtype] / 10, (enabled, k, b)
+
+
+def test_fused_step_casts_gradients_of_another_dtype_like_the_generic_path():
+    want, _ = _run_optimizer(CPU, "adam", {}, "float32", grad_dtype="float64")
+    got, _ = _run_optimizer(GPU, "adam", {}, "float32", grad_dtype="float64")
+    for k, p in want.items():
+        assert got[k].dtype == np.float32 and _rel(got[k], p) < RTOL["float32"] / 10
 
 
 def test_fused_step_with_diagnostics_falls_back_to_the_generic_path(monkeypatch):
@@ -134,10 +148,11 @@ def test_training_steps_on_the_gpu_track_numpy():
     for device in ("gpu", "cpu"):
         trainer = Trainer(TrainConfig(dataset="digits", batch_size=32, steps=5, eval_every=0, log_every=5,
                                       sample_every=100, device=device))
-        losses[device] = []
+        sums = []
         for _ in range(5):
             trainer.train_step()
-            losses[device].append(float(to_numpy(trainer._acc["loss"])))   # the running sum of step losses
+            sums.append(float(to_numpy(trainer._acc["loss"])))   # the running sum of the step losses
+        losses[device] = np.diff([0.0] + sums)
         assert type(trainer.model.params["time_embed.0.weight"]).__module__.split(".")[0] == (
             "cupy" if device == "gpu" else "numpy")
-    np.testing.assert_allclose(losses["gpu"], losses["cpu"], rtol=1e-3)
+    np.testing.assert_allclose(losses["gpu"], losses["cpu"], rtol=RTOL["float32"])   # each step's own loss

@@ -319,3 +319,21 @@ def test_mixed_dtype_parameters_share_scratch_per_dtype():
     assert params["a"].dtype == np.float32 and params["b"].dtype == np.float64
     np.testing.assert_allclose(params["a"], 0.9, rtol=1e-6)
     np.testing.assert_allclose(params["b"], 1.1, rtol=1e-8)
+
+
+def test_the_fused_gpu_kernels_are_chosen_only_where_they_compute_the_same_rule():
+    from minidiff.optim import fused
+    params = {"w": np.zeros(3, dtype=np.float32)}
+
+    class Clipped(Adam):   # a subclass with its own rule must not inherit Adam's kernel
+        def _update(self, *args):
+            super()._update(*args)
+
+    assert build_optimizer("adam", params)._fused_update is fused.adam
+    assert build_optimizer("adamw", params)._fused_update is fused.adam
+    assert build_optimizer("adam", params, amsgrad=True)._fused_update is None
+    assert build_optimizer("nadam", params)._fused_update is None
+    assert Clipped(params)._fused_update is None
+    for name in ("sgd", "momentum", "nesterov"):
+        assert build_optimizer(name, params, lr=0.1)._fused_update is fused.sgd
+    assert not fused.available(np)   # NumPy (and the strict backend) always take the generic path

@@ -72,7 +72,8 @@ class Adam(Optimizer):
 
     @property
     def _fused_update(self):
-        return None if self.amsgrad else fused.adam
+        # the kernel is this class's _update: a subclass that changes the rule must not inherit it
+        return fused.adam if type(self)._update is Adam._update and not self.amsgrad else None
 
     def _update(self, name, theta, g, tmp, u, coef, diag) -> None:
         xp, st = self._xp, self.state[name]

@@ -22,9 +22,15 @@ from ..backend import elementwise_kernel, is_cupy_module
 
 ENABLED = True   # tests switch it off to compare with the generic path on the same device
 
-# g_t = ±∇f + λθ exactly as Optimizer._effective_grad orders it (λθ first, then ±∇f added)
+# The kernels' lines are the docstrings' equations, one for one (symbols there: γ lr, β1 β2 betas, ε eps,
+# λ weight_decay, μ momentum, τ dampening, c1 c2 bias corrections; the scalars arrive precomputed as named). The
+# CUDA source stays plain ASCII with no comments, so the equations are written out here.
+
+# g_t = ±∇f(θ_{t-1}) + λ θ_{t-1}, in Optimizer._effective_grad's order (λθ first, then ±∇f added)
 _EFFECTIVE_GRAD = "T g = wd_coupled != (T)0 ? wd_coupled * theta + sign * grad : sign * grad;"
 
+# m_t = m_{t-1} + (1 − β1)(g_t − m_{t-1});  v_t = β2 v_{t-1} + (1 − β2) g_t²;
+# u_t = −(γ / c1) m_t / (√v_t / √c2 + ε), and for AdamW u_t −= γ λ θ_{t-1};  θ_t = θ_{t-1} + u_t
 _ADAM = _EFFECTIVE_GRAD + """
 m = m + (g - m) * one_minus_beta1;
 v = v * beta2 + (g * one_minus_beta2) * g;
@@ -33,12 +39,14 @@ if (neg_lr_wd != (T)0) u = u + theta * neg_lr_wd;
 theta = theta + u;
 """
 
+# b_1 = g_1, b_t = μ b_{t-1} + (1 − τ) g_t;  d_t = g_t + μ b_t (Nesterov) or b_t;  θ_t = θ_{t-1} − γ d_t
 _SGD_MOMENTUM = _EFFECTIVE_GRAD + """
 b = first ? g : b * momentum + g * one_minus_dampening;
 T d = nesterov ? b * momentum + g : b;
 theta = theta + d * neg_lr;
 """
 
+# θ_t = θ_{t-1} − γ g_t
 _SGD = _EFFECTIVE_GRAD + "theta = theta + g * neg_lr;"
 
 _GRAD_IN = "T grad, T sign, T wd_coupled"
@@ -64,6 +72,8 @@ def _kernel(xp, name: str):
 def _grad_args(opt, theta, grad) -> tuple:
     t = theta.dtype.type   # scalars in the parameter's dtype, as NumPy rounds a Python float against a float32 array
     wd = opt.weight_decay if opt.coupled_weight_decay else 0.0
+    if grad.dtype != theta.dtype:   # the generic path casts too, into its scratch of the parameter's dtype
+        grad = grad.astype(theta.dtype)
     return grad, t(-1.0 if opt.maximize else 1.0), t(wd)
 
 

@@ -76,7 +76,7 @@ class SGD(Optimizer):
 
     @property
     def _fused_update(self):
-        return fused.sgd
+        return fused.sgd if type(self)._update is SGD._update else None   # see Adam._fused_update
 
     def _update(self, name, theta, g, tmp, u, coef, diag) -> None:
         xp, lr, mu = self._xp, self.lr, self.momentum
