@@ -14,7 +14,7 @@ import statistics
 import time
 
 from minidiff.backend import get_backend
-from minidiff.bench import CONFIGS, LR, _host_batch, build_model
+from minidiff.bench import CONFIGS, LR, build_model, host_batch
 from minidiff.optim import build_optimizer, fused
 
 
@@ -34,7 +34,7 @@ def breakdown(name, repeats=20):
     cfg = CONFIGS[name]
     model = build_model(cfg, be)
     opt = build_optimizer("adam", model.params, lr=LR)
-    x, t, y = _host_batch(cfg)
+    x, t, y = host_batch(cfg)
     x, y = be.asarray(x, dtype=model.dtype), be.asarray(y, dtype=model.dtype)
     scale = 2.0 / y.size
     state = {}

@@ -74,7 +74,7 @@ QUICK = {"repeats": 2, "warmup": 1}  # `minidiff bench --quick`
 
 # --- the timed units -----------------------------------------------------------------------------------------------
 
-def _host_batch(cfg, seed=0):
+def host_batch(cfg, seed=0):
     """The fixed batch: x, target ~ N(0, 1) in float64, t uniform in [0, 1000), all host arrays."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal(cfg.input_shape), rng.integers(0, 1000, cfg.batch), rng.standard_normal(cfg.input_shape)
@@ -92,7 +92,7 @@ def ours_unit(cfg, model):
         fn = lambda x, t: model.forward(x, t, cache=False)  # noqa: E731
         return lambda: ddim_sample(fn, schedule, cfg.input_shape, num_steps=cfg.sample_steps, backend=be, dtype=dt)
     opt = build_optimizer("adam", model.params, lr=LR)
-    x, t, y = _host_batch(cfg)
+    x, t, y = host_batch(cfg)
     x, y = be.asarray(x, dtype=dt), be.asarray(y, dtype=dt)
     scale = 2.0 / y.size  # d/d out of mean((out - y)^2)
 
@@ -119,7 +119,7 @@ def torch_unit(cfg, model, twin):
                                    dtype=model.dtype)
     opt = torch.optim.Adam(twin.parameters(), lr=LR)
     tdt = getattr(torch, model.dtype.name)
-    x, t, y = _host_batch(cfg)
+    x, t, y = host_batch(cfg)
     x, y = (torch.as_tensor(a, dtype=tdt, device=dev) for a in (x, y))
     t = torch.as_tensor(t, device=dev)
 

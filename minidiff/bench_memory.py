@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, replace
 
 from .backend import get_backend
-from .bench import BenchConfig, _host_batch, build_model, make_twin, ours_unit, torch_unit
+from .bench import BenchConfig, build_model, host_batch, make_twin, ours_unit, torch_unit
 from .flops import limit_threads
 from .optim import build_optimizer
 
@@ -60,7 +60,7 @@ def _warm_up(cfg, model, twin):
     """One forward (+ backward for training) at batch 1 and an Adam step on a 1-element stand-in parameter: pages
     in the library code (importing torch.optim alone adds ~70 MB) and starts the thread pools before the baseline,
     so what is measured is the step's memory, not first-call set-up."""
-    x, t, _ = _host_batch(replace(cfg, batch=1))
+    x, t, _ = host_batch(replace(cfg, batch=1))
     if twin is None:
         build_optimizer("adam", {"p": model.backend.xp.zeros(1)}).step({"p": model.backend.xp.ones(1)})
         out = model.forward(model.backend.asarray(x, dtype=model.dtype), t, cache=not cfg.sample_steps)
