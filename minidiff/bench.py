@@ -16,7 +16,8 @@ Throughput: FLOPs of a unit counted from the layer shapes (`minidiff.flops`), ac
 = achieved / the matrix-multiply peak measured in the same run (best of 5 square float matmuls, 2048^3 on the CPU,
 8192^3 on a GPU, before each configuration; the best reading of the run counts, as load only lowers it).
 Threads: PyTorch gets as many threads as NumPy's BLAS uses (threadpoolctl), or `threads` for both.
-Memory: `minidiff.bench_memory.measure_memory` (a fresh process per side). `run_benchmarks` returns one dict per configuration; `format_table` prints them.
+Memory: `minidiff.bench_memory.measure_memory` (a fresh process per side). `run_benchmarks` returns one dict per
+configuration; `format_table` prints them.
 """
 
 from __future__ import annotations

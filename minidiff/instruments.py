@@ -3,7 +3,8 @@
 Every `probe_every` steps (cost: a few extra forward/backward passes on fixed batches, none of it timed as training):
   probe_loss, probe_grad_norm, probe_cosine   the loss gradient on a fixed probe batch for each t bucket separately,
                                               its norms and the B x B cosine matrix (flattened row-major)
-  noise_scale, noise_scale_bucket             B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), overall / per bucket
+  noise_scale, noise_scale_bucket             B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), overall /
+                                              per bucket
   momentum_alignment                          cos(g_t, momentum buffer or Adam's m before it absorbs g_t)
   grad_cos_consecutive                        cos(g_t, g_{t-1})
   layer_update_to_weight                      |delta theta| / |theta| per layer (names in the root attr layer_names)

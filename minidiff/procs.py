@@ -19,9 +19,10 @@ split from different batch sizes: minidiff.denoiser's MIN_PART_ELEMENTS and MIN_
 
 Lifetime: on a model's first split call, one worker per BLAS thread but one is forked (a call with fewer parts
 uses the first ones), and they live as long as the model (weakref.finalize) or until `close`; if a later call needs
-more parts (BLAS was given more threads), they are closed and a full new set is forked. A worker exits when its pipe closes (also when the parent dies), ignores SIGINT
-(Ctrl-C is the parent's to handle) and takes SIGTERM's default action. Any failure of the round trip other than an error raised by the part's own computation
-(which is re-raised in the caller) closes the workers; the next split call forks new ones.
+more parts (BLAS was given more threads), they are closed and a full new set is forked. A worker exits when its pipe
+closes (also when the parent dies), ignores SIGINT (Ctrl-C is the parent's to handle) and takes SIGTERM's default
+action. Any failure of the round trip other than an error raised by the part's own computation (which is re-raised
+in the caller) closes the workers; the next split call forks new ones.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def _private_mib():
     pages both still share, are the parent's (its resident set counts them)."""
     try:
         with open("/proc/self/smaps_rollup") as f:
-            return sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean:", "Private_Dirty:"))) / 1024
+            private = [line for line in f if line.startswith(("Private_Clean:", "Private_Dirty:"))]
+        return sum(int(line.split()[1]) for line in private) / 1024
     except (OSError, ValueError, IndexError):
         return 0.0
 

@@ -327,8 +327,8 @@ def thread_count_note(run, trainer) -> str | None:
         return None
     return (f"note: {run.path.name} was trained with {int(before)} CPU thread(s) and resumes with {now}; the batch "
             f"parts' gradients then add up in another order, so the continuation matches an uninterrupted run to "
-            f"rounding, not bit for bit (OPENBLAS_NUM_THREADS={int(before)} gives the same count on a machine with at least "
-            f"{int(before)} cores)")
+            f"rounding, not bit for bit (OPENBLAS_NUM_THREADS={int(before)} gives the same count on a machine with at "
+            f"least {int(before)} cores)")
 
 
 def resume_run(path, steps: int | None = None):

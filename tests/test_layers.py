@@ -175,7 +175,8 @@ def test_attention_forward_matches_torch_scaled_dot_product(cpu_backend, torch, 
     N, C, heads, Hh, W = 2, 8, 2, 3, 2
     qkv = randn(rng, N, Hh, W, 3 * C)   # channels-last, channel blocks [q | k | v], each heads x d
     out, _ = attention_forward(cpu_backend.asarray(qkv), heads)
-    q, k, v = (torch.from_numpy(qkv).reshape(N, Hh * W, 3, heads, C // heads)[:, :, i].transpose(1, 2) for i in range(3))
+    q, k, v = (torch.from_numpy(qkv).reshape(N, Hh * W, 3, heads, C // heads)[:, :, i].transpose(1, 2)
+               for i in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)      # (N, heads, L, d)
     _close(out, ref.transpose(1, 2).reshape(N, Hh, W, C))
 

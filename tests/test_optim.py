@@ -337,3 +337,60 @@ def test_the_fused_gpu_kernels_are_chosen_only_where_they_compute_the_same_rule(
     for name in ("sgd", "momentum", "nesterov"):
         assert build_optimizer(name, params, lr=0.1)._fused_update is fused.sgd
     assert not fused.available(np)   # NumPy (and the strict backend) always take the generic path
+
+
+def _emulated_kernels(xp, name):
+    """NumPy stand-ins for minidiff.optim.fused's CUDA kernels, term for term (each line is the kernel's line), so
+    the CPU can check what the GPU path hands them: the argument order and every per-step scalar."""
+    def grad_of(grad, sign, wd, theta):
+        return wd * theta + sign * grad if wd != 0 else sign * grad
+
+    def adam(grad, sign, wd, omb1, beta2, omb2, sqrt_c2, eps, neg_step, neg_lr_wd, theta, m, v):
+        g = grad_of(grad, sign, wd, theta)
+        m[...] = m + (g - m) * omb1
+        v[...] = v * beta2 + (g * omb2) * g
+        u = m / (np.sqrt(v) / sqrt_c2 + eps) * neg_step
+        if neg_lr_wd != 0:
+            u = u + theta * neg_lr_wd
+        theta[...] = theta + u
+
+    def sgd_momentum(grad, sign, wd, mu, omd, neg_lr, first, nesterov, theta, b):
+        g = grad_of(grad, sign, wd, theta)
+        b[...] = g if first else b * mu + g * omd
+        theta[...] = theta + (b * mu + g if nesterov else b) * neg_lr
+
+    def sgd(grad, sign, wd, neg_lr, theta):
+        theta[...] = theta + grad_of(grad, sign, wd, theta) * neg_lr
+
+    return {"adam": adam, "sgd_momentum": sgd_momentum, "sgd": sgd}[name]
+
+
+@pytest.mark.parametrize("name,hyper", [
+    ("adam", {}), ("adam", dict(weight_decay=0.1, maximize=True)), ("adam", dict(bias_correction=False)),
+    ("adamw", dict(weight_decay=0.1)), ("sgd", dict(lr=0.1, weight_decay=0.01, maximize=True)),
+    ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01)), ("nesterov", dict(lr=0.1))])
+def test_the_fused_step_hands_its_kernels_the_generic_steps_numbers(name, hyper, monkeypatch):
+    """With NumPy stand-ins for the kernels, the fused path must give the generic path's parameters and state bit
+    for bit: the kernels do the same float32 operations in the same order, so any difference is in the plumbing."""
+    from minidiff.optim import fused
+    rng = np.random.default_rng(4)
+    shapes = {"w": (6, 3, 3, 3), "b": (6,)}
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(5)]
+    results = []
+    for emulate in (False, True):
+        if emulate:
+            monkeypatch.setattr(fused, "available", lambda xp: True)
+            monkeypatch.setattr(fused, "_kernel", _emulated_kernels)
+        params = {k: v.copy() for k, v in start.items()}
+        opt = build_optimizer(name, params, **hyper)
+        for step, g in enumerate(grads):
+            if step == 2:
+                opt.lr = opt.lr * 0.5
+            opt.step(g)
+        results.append((params, opt.state_dict()["buffers"]))
+    (want, want_bufs), (got, got_bufs) = results
+    for k in shapes:
+        assert np.array_equal(got[k], want[k]), k
+        for b in want_bufs[k]:
+            assert np.array_equal(got_bufs[k][b], want_bufs[k][b]), (k, b)

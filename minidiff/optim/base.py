@@ -155,8 +155,7 @@ class Optimizer:
         self.step_count += 1
         coef = self._coefficients()
         if not diagnostics and self._fused_update is not None and fused.available(self._xp):
-            for name, theta in self.params.items():   # one kernel launch per parameter (minidiff.optim.fused)
-                self._fused_update(self, theta, grads[name], self.state[name], coef)
+            self._fused_update(self, grads, coef)   # one kernel launch per parameter (minidiff.optim.fused)
             return None
         diag = Diagnostics(self._xp, per_param) if diagnostics else None
         for name, theta in self.params.items():
@@ -204,7 +203,8 @@ class Optimizer:
 
     @property
     def _fused_update(self):
-        """The one-launch CuPy update for this configuration (a function of minidiff.optim.fused), or None."""
+        """The one-launch-per-parameter CuPy step for this configuration (minidiff.optim.fused.adam or .sgd,
+        called as f(optimizer, grads, coef)), or None."""
         return None
 
     def _update(self, name, theta, g, tmp, u, coef, diag) -> None:

@@ -69,29 +69,40 @@ def _kernel(xp, name: str):
     return elementwise_kernel(xp, *_SIGNATURES[name], "minidiff_" + name)
 
 
-def _grad_args(opt, theta, grad) -> tuple:
-    t = theta.dtype.type   # scalars in the parameter's dtype, as NumPy rounds a Python float against a float32 array
-    wd = opt.weight_decay if opt.coupled_weight_decay else 0.0
-    if grad.dtype != theta.dtype:   # the generic path casts too, into its scratch of the parameter's dtype
-        grad = grad.astype(theta.dtype)
-    return grad, t(-1.0 if opt.maximize else 1.0), t(wd)
+def _launch_all(opt, grads, name, scalars, buffer_names) -> None:
+    """kernel(grad, *scalars(dtype type), theta, *buffers) for every parameter: the step's scalars are made once per
+    dtype, in that dtype, as NumPy rounds a Python float against an array of it."""
+    kernel, made = _kernel(opt._xp, name), {}
+    for pname, theta in opt.params.items():
+        dt = theta.dtype
+        if dt not in made:
+            made[dt] = scalars(dt.type)
+        grad = grads[pname]
+        if grad.dtype != dt:   # the generic path casts too, into its scratch of the parameter's dtype
+            grad = grad.astype(dt)
+        kernel(grad, *made[dt], theta, *(opt.state[pname][b] for b in buffer_names))
 
 
-def adam(opt, theta, grad, state: dict, coef: dict) -> None:
-    """θ, m, v <- one Adam/AdamW step (`Adam._update` plus θ += u) in one launch."""
-    t = theta.dtype.type
+def _grad_scalars(opt, t) -> tuple:
+    """sign and coupled λ of g_t = ±∇f + λθ."""
+    return t(-1.0 if opt.maximize else 1.0), t(opt.weight_decay if opt.coupled_weight_decay else 0.0)
+
+
+def adam(opt, grads: dict, coef: dict) -> None:
+    """θ, m, v <- one Adam/AdamW step (`Adam._update` plus θ += u) of every parameter, one launch each."""
     decoupled = 0.0 if opt.coupled_weight_decay else -opt.lr * opt.weight_decay
-    _kernel(opt._xp, "adam")(*_grad_args(opt, theta, grad), t(1.0 - opt.beta1), t(opt.beta2), t(1.0 - opt.beta2),
-                             t(coef["sqrt_c2"]), t(opt.eps), t(-coef["step_size"]), t(decoupled),
-                             theta, state["exp_avg"], state["exp_avg_sq"])
+    _launch_all(opt, grads, "adam", lambda t: (*_grad_scalars(opt, t), t(1.0 - opt.beta1), t(opt.beta2),
+                                               t(1.0 - opt.beta2), t(coef["sqrt_c2"]), t(opt.eps),
+                                               t(-coef["step_size"]), t(decoupled)),
+                ("exp_avg", "exp_avg_sq"))
 
 
-def sgd(opt, theta, grad, state: dict, coef: dict) -> None:
-    """θ (and the momentum buffer) <- one SGD step (`SGD._update` plus θ += u) in one launch."""
-    t = theta.dtype.type
+def sgd(opt, grads: dict, coef: dict) -> None:
+    """θ (and the momentum buffer) <- one SGD step (`SGD._update` plus θ += u) of every parameter, one launch each."""
     if opt.momentum == 0.0:
-        _kernel(opt._xp, "sgd")(*_grad_args(opt, theta, grad), t(-opt.lr), theta)
+        _launch_all(opt, grads, "sgd", lambda t: (*_grad_scalars(opt, t), t(-opt.lr)), ())
         return
-    _kernel(opt._xp, "sgd_momentum")(*_grad_args(opt, theta, grad), t(opt.momentum), t(1.0 - opt.dampening),
-                                     t(-opt.lr), np.int32(opt.step_count == 1), np.int32(opt.nesterov),
-                                     theta, state["momentum_buffer"])
+    _launch_all(opt, grads, "sgd_momentum",
+                lambda t: (*_grad_scalars(opt, t), t(opt.momentum), t(1.0 - opt.dampening), t(-opt.lr),
+                           np.int32(opt.step_count == 1), np.int32(opt.nesterov)),
+                ("momentum_buffer",))
