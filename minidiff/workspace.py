@@ -32,16 +32,15 @@ def _device(a):
     return str(getattr(a, "device", "cpu"))
 
 
-def scratch(name, shape, like, zeros=False):
-    """An array of `shape` with the dtype and array module of `like`, reused across calls (uninitialised, or
-    zero-filled when its buffer is first made if `zeros`: then only ever write where the zeros are not needed)."""
+def scratch(name, shape, like):
+    """An uninitialised array of `shape` with the dtype and array module of `like`, reused across calls."""
     size = math.prod(shape)
     # type: NumPy, strict and CuPy arrays differ; device: each GPU of a multi-GPU host has its own
     key = (name, type(like), _device(like), like.dtype.str, threading.get_ident())
     buf = _BUFFERS.get(key)
     if buf is None or buf.size < size:
         xp = get_array_module(like)
-        buf = (xp.zeros if zeros else xp.empty)(max(size, 1), dtype=like.dtype)
+        buf = xp.empty(max(size, 1), dtype=like.dtype)
         _BUFFERS[key] = buf
     return buf[:size].reshape(shape)
 

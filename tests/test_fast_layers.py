@@ -66,6 +66,30 @@ def test_conv2d_nhwc_forward_matches_torch(cpu_backend, torch, tiny_chunks, case
     np.testing.assert_allclose(_nhwc_to_nchw(to_numpy(out)), ref.numpy(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", NHWC_CONV_CASES)
+def test_conv2d_nhwc_ignores_what_earlier_calls_left_in_scratch(cpu_backend, tiny_chunks, case):
+    """Padded inputs and column matrices live in scratch buffers shared by every shape: a call must write every
+    element it reads (the zero border included), so buffers full of NaN from a larger call change nothing."""
+    from minidiff import workspace
+    N, H, W, C, O, (kh, kw), stride, padding = case
+    rng = np.random.default_rng(5)
+    x, w, b = (cpu_backend.asarray(randn(rng, *s)) for s in ((N, H, W, C), (O, C, kh, kw), (O,)))
+
+    def run():
+        out, cache = conv.conv2d_nhwc_forward(x, w, b, stride=stride, padding=padding)
+        dx, g = conv.conv2d_nhwc_backward(out, cache)
+        return [to_numpy(a) for a in (out, dx, g["weight"], g["bias"])]
+
+    workspace.clear()
+    fresh = run()
+    big = cpu_backend.asarray(randn(rng, N + 1, H + 3, W + 3, C))
+    conv.conv2d_nhwc_backward(*conv.conv2d_nhwc_forward(big, w, b, stride=stride, padding=padding))
+    for buf in workspace._BUFFERS.values():
+        buf[...] = np.nan
+    for got, want in zip(run(), fresh):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("shape,groups", [((2, 3, 4, 6), 2), ((3, 2, 2, 4), 4), ((2, 5, 4), 1)])
 def test_group_norm_nhwc_gradients_match_finite_differences(backend, tiny_chunks, shape, groups, silu):
