@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import Backend, get_backend, resolve_dtype
+from .flat import FlatArrays, total_size
 from .layers import init_param
 from .parallel import batch_parts, cpu_workers, map_parts
 from . import procs
@@ -71,17 +72,16 @@ class Denoiser:
         """specs: iterable of (name, shape, init), in registration order; drawn on the host in that order."""
         rng = np.random.default_rng(self.config["seed"])
         specs = list(specs)
-        shared = None
-        if self.backend.name == "numpy" and procs.USE_PROCESSES:   # worker processes see the updates in place
-            shared = procs.shared_arrays({name: shape for name, shape, _ in specs}, self.dtype)
-        self._params_shared = shared is not None
+        shapes = {name: shape for name, shape, _ in specs}
+        # end to end in one buffer (minidiff.flat: an optimizer step then runs on a few long arrays), in shared
+        # memory where worker processes must see the optimizer's in-place updates
+        self._params_shared = self.backend.name == "numpy" and procs.USE_PROCESSES
+        if self._params_shared:
+            self.params = procs.shared_arrays(shapes, self.dtype)
+        else:
+            self.params = FlatArrays(shapes, self.backend.xp.zeros(total_size(shapes), dtype=self.dtype))
         for name, shape, init in specs:
-            host = init_param(rng, shape, init)
-            if shared is None:
-                self.params[name] = self.backend.asarray(host, dtype=self.dtype)
-            else:
-                self.params[name] = shared[name]
-                self.params[name][...] = host   # the same float64 -> dtype rounding as asarray
+            self.params[name][...] = self.backend.asarray(init_param(rng, shape, init), dtype=self.dtype)
 
     def _start(self, x, cache):
         """Cast the input to the model dtype and open a tape (or a NoTape) for this forward."""

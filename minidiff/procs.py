@@ -27,7 +27,6 @@ in the caller) closes the workers; the next split call forks new ones.
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import signal
@@ -38,23 +37,19 @@ from multiprocessing.connection import Pipe
 
 import numpy
 
+from .flat import FlatArrays, total_size
+
 # Linux only: elsewhere fork is missing, or (macOS) unsafe once system frameworks such as Accelerate have started
 # threads. Set it to False before building a model to run its parts on threads (tests compare the two).
 USE_PROCESSES = sys.platform.startswith("linux")
-ALIGN = 64                             # bytes: each array of a shared block starts on a cache line
 
 
-def shared_arrays(shapes: dict, dtype) -> dict:
-    """{name: zero-filled NumPy array of shape} in one block of anonymous shared memory (MAP_SHARED), which a
-    forked child shares with its parent instead of copying it."""
+def shared_arrays(shapes: dict, dtype) -> FlatArrays:
+    """{name: zero-filled NumPy array of shape}, laid end to end (minidiff.flat) in one block of anonymous shared
+    memory (MAP_SHARED), which a forked child shares with its parent instead of copying it."""
     dtype = numpy.dtype(dtype)
-    offsets, total = {}, 0
-    for name, shape in shapes.items():
-        offsets[name] = total
-        total += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
-    block = numpy.frombuffer(mmap.mmap(-1, max(total, ALIGN)), dtype=numpy.uint8)
-    return {name: block[off:off + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
-            for (name, shape), off in zip(shapes.items(), offsets.values())}
+    n = total_size(shapes)
+    return FlatArrays(shapes, numpy.frombuffer(mmap.mmap(-1, max(n, 1) * dtype.itemsize), dtype=dtype, count=n))
 
 
 class WorkerError(RuntimeError):

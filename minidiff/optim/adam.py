@@ -75,8 +75,8 @@ class Adam(Optimizer):
         # the kernel is this class's _update: a subclass that changes the rule must not inherit it
         return fused.adam if type(self)._update is Adam._update and not self.amsgrad else None
 
-    def _update(self, name, theta, g, tmp, u, coef, diag) -> None:
-        xp, st = self._xp, self.state[name]
+    def _update(self, st, theta, g, tmp, u, coef, diag) -> None:
+        xp = self._xp
         m, v = st["exp_avg"], st["exp_avg_sq"]
         xp.subtract(g, m, out=tmp)                      # m_t = m_{t-1} + (1 − β1)(g_t − m_{t-1})
         tmp *= 1.0 - self.beta1

@@ -77,8 +77,8 @@ class NAdam(Optimizer):
                 "coef_g": -self.lr * (1.0 - mu) / (1.0 - self.mu_product),
                 "coef_m": -self.lr * mu_next / (1.0 - self.mu_product * mu_next)}
 
-    def _update(self, name, theta, g, tmp, u, coef, diag) -> None:
-        xp, st = self._xp, self.state[name]
+    def _update(self, st, theta, g, tmp, u, coef, diag) -> None:
+        xp = self._xp
         m, v = st["exp_avg"], st["exp_avg_sq"]
         xp.subtract(g, m, out=tmp)                      # m_t = m_{t-1} + (1 − β1)(g_t − m_{t-1})
         tmp *= 1.0 - self.beta1

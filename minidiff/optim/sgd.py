@@ -78,12 +78,12 @@ class SGD(Optimizer):
     def _fused_update(self):
         return fused.sgd if type(self)._update is SGD._update else None   # see Adam._fused_update
 
-    def _update(self, name, theta, g, tmp, u, coef, diag) -> None:
+    def _update(self, st, theta, g, tmp, u, coef, diag) -> None:
         xp, lr, mu = self._xp, self.lr, self.momentum
         if mu == 0.0:
             xp.multiply(g, -lr, out=u)                  # u_t = −γ g_t
             return
-        b = self.state[name]["momentum_buffer"]
+        b = st["momentum_buffer"]
         if self.step_count == 1:
             b[...] = g                                  # b_1 = g_1
         else:

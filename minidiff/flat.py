@@ -1,0 +1,60 @@
+"""Arrays laid end to end in one flat buffer, so that elementwise work over all of them can run on a few long runs.
+
+A model's parameters are ~130 small arrays. An optimizer step applies the same elementwise rule to each, and in
+NumPy every operation costs ~1 us of call overhead whatever its size: per parameter, Adam's ten operations cost more
+in calls than in arithmetic (1.2 ms per digits step against 0.28 ms for the same rule on one array of all 177k
+weights, measured on one core). `FlatArrays` is a dict whose arrays are consecutive views into one 1-D buffer, in
+dict order, with no gaps; `runs` cuts that buffer into runs of whole arrays, which an optimizer then treats like
+single arrays (PyTorch's "multi-tensor" optimizers group parameters the same way). An elementwise rule gives the
+same bits per element however the elements are grouped.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class FlatArrays(dict):
+    """dict name -> array, each a C-contiguous view of `flat[start:stop]` (consecutive, in dict order).
+
+    flat_arrays(shapes, flat) builds one; `intact()` says whether the dict still holds exactly those views (an entry
+    replaced by another array breaks the layout, and users of `flat` must then fall back to the arrays one by one).
+    """
+
+    def __init__(self, shapes: dict, flat):
+        spans, start = {}, 0
+        for name, shape in shapes.items():
+            spans[name] = (start, start + math.prod(shape), tuple(shape))
+            start += math.prod(shape)
+        if start != flat.shape[0] or flat.ndim != 1:
+            raise ValueError(f"the flat buffer holds {flat.shape} elements, the shapes need ({start},)")
+        super().__init__({name: flat[a:b].reshape(shape) for name, (a, b, shape) in spans.items()})
+        self.flat = flat
+        self.spans = {name: (a, b) for name, (a, b, _) in spans.items()}
+        self._shapes = {name: shape for name, (_, _, shape) in spans.items()}
+        self._views = tuple(self.values())
+
+    def intact(self) -> bool:
+        return len(self) == len(self._views) and all(a is b for a, b in zip(self.values(), self._views))
+
+    def like(self, flat) -> "FlatArrays":
+        """The same layout over another buffer of the same length (optimizer state, gradients)."""
+        return FlatArrays(self._shapes, flat)
+
+
+def total_size(shapes: dict) -> int:
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def runs(arrays: FlatArrays, min_size: int) -> list:
+    """[(start, stop, names)]: consecutive arrays grouped until a group holds >= min_size elements (the last group
+    may hold fewer). An array larger than min_size forms a group of its own or ends one."""
+    out, names, start = [], [], 0
+    for name, (a, b) in arrays.spans.items():
+        names.append(name)
+        if b - start >= min_size:
+            out.append((start, b, tuple(names)))
+            names, start = [], b
+    if names:
+        out.append((start, arrays.spans[names[-1]][1], tuple(names)))
+    return out
