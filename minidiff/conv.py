@@ -19,7 +19,7 @@ from __future__ import annotations
 from .backend import get_array_module
 from .parallel import batch_parts
 from .norm import add_channels, channel_sums
-from .workspace import scratch
+from .workspace import scratch, scratch_kept
 
 # column-matrix bytes per chunk on the CPU (see the module docstring): 1 MiB steps as fast as 2 MiB (interleaved, one
 # core, digits to 32x32: within 1.3%) and halves the work buffers a sampling worker holds
@@ -59,13 +59,15 @@ def im2col(x, kh, kw, stride, ph, pw, name="im2col"):
     cols = scratch(name + ".cols", (n, Ho, Wo, kh, kw, C), x)
     src = x
     if ph or pw:
-        # one padded buffer for every shape (its border zeroed per call: four thin strips) rather than one zeroed
-        # buffer per shape, which kept a few images of every layer's padded input alive between calls
-        src = scratch(name + ".pad", (n, H + 2 * ph, W + 2 * pw, C), x)
-        src[:, :ph] = 0
-        src[:, ph + H:] = 0
-        src[:, ph:ph + H, :pw] = 0
-        src[:, ph:ph + H, pw + W:] = 0
+        # one padded buffer for every shape, not a zeroed one per shape (which kept a few images of every layer's
+        # padded input alive between calls): its border is zeroed when the last use had another geometry
+        padded = (n, H + 2 * ph, W + 2 * pw, C)
+        src, kept = scratch_kept(name + ".pad", padded, x, tag=(padded, ph, pw))
+        if not kept:
+            src[:, :ph] = 0
+            src[:, ph + H:] = 0
+            src[:, ph:ph + H, :pw] = 0
+            src[:, ph:ph + H, pw + W:] = 0
         src[:, ph:ph + H, pw:pw + W] = x
     cols[...] = _windows(src, kh, kw, stride, Ho, Wo)
     return cols.reshape(n * Ho * Wo, kh * kw * C)

@@ -24,6 +24,7 @@ import threading
 from .backend import get_array_module
 
 _BUFFERS: dict = {}
+_TAGS: dict = {}       # scratch_kept: the tag each buffer was last handed out under
 _CONSTANTS: dict = {}
 
 
@@ -34,6 +35,12 @@ def _device(a):
 
 def scratch(name, shape, like):
     """An uninitialised array of `shape` with the dtype and array module of `like`, reused across calls."""
+    return scratch_kept(name, shape, like, None)[0]
+
+
+def scratch_kept(name, shape, like, tag):
+    """scratch(name, shape, like) and whether the buffer was last handed out under the same `tag` (and not grown
+    since): then whatever that call wrote and this one does not overwrite is still there (a zero border, say)."""
     size = math.prod(shape)
     # type: NumPy, strict and CuPy arrays differ; device: each GPU of a multi-GPU host has its own
     key = (name, type(like), _device(like), like.dtype.str, threading.get_ident())
@@ -42,7 +49,10 @@ def scratch(name, shape, like):
         xp = get_array_module(like)
         buf = xp.empty(max(size, 1), dtype=like.dtype)
         _BUFFERS[key] = buf
-    return buf[:size].reshape(shape)
+        _TAGS.pop(key, None)
+    kept = tag is not None and _TAGS.get(key) == tag
+    _TAGS[key] = tag
+    return buf[:size].reshape(shape), kept
 
 
 def constant(key, like, build):
@@ -63,6 +73,7 @@ def ones_row(n, like):
 def clear():
     """Drop every scratch buffer (their memory goes back to the allocator)."""
     _BUFFERS.clear()
+    _TAGS.clear()
     _CONSTANTS.clear()
 
 

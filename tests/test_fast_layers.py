@@ -90,6 +90,22 @@ def test_conv2d_nhwc_ignores_what_earlier_calls_left_in_scratch(cpu_backend, tin
         np.testing.assert_array_equal(got, want)
 
 
+def test_scratch_kept_says_whether_the_last_use_had_the_same_tag_and_the_buffer_was_not_grown():
+    from minidiff import workspace
+    like = np.zeros(1, dtype=np.float32)
+    a, kept = workspace.scratch_kept("test.kept", (2, 3), like, tag="a")
+    a[...] = 5.0
+    assert not kept
+    b, kept = workspace.scratch_kept("test.kept", (2, 3), like, tag="a")
+    assert kept and (b == 5.0).all()
+    assert not workspace.scratch_kept("test.kept", (3, 2), like, tag="b")[1]
+    assert not workspace.scratch_kept("test.kept", (3, 2), like, tag="a")[1]   # used under "b" in between
+    assert workspace.scratch_kept("test.kept", (3, 2), like, tag="a")[1]
+    assert not workspace.scratch_kept("test.kept", (4, 3), like, tag="a")[1]   # grown: a new, uninitialised buffer
+    workspace.scratch("test.kept", (1,), like)                                  # an untagged use forgets the tag
+    assert not workspace.scratch_kept("test.kept", (4, 3), like, tag="a")[1]
+
+
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("shape,groups", [((2, 3, 4, 6), 2), ((3, 2, 2, 4), 4), ((2, 5, 4), 1)])
 def test_group_norm_nhwc_gradients_match_finite_differences(backend, tiny_chunks, shape, groups, silu):
