@@ -30,6 +30,9 @@ def clip_grad_norm(grads: dict, max_norm: float):
     xp = get_array_module(*arrays)
     total_norm = global_norm(arrays)
     factor = xp.minimum(max_norm / (total_norm + 1e-6), 1.0)
+    cast = {}   # the factor in each gradient dtype, made once (one device op per dtype, not per array)
     for g in arrays:
-        g *= factor.astype(g.dtype)
+        if g.dtype not in cast:
+            cast[g.dtype] = factor.astype(g.dtype)
+        g *= cast[g.dtype]
     return total_norm

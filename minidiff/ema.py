@@ -15,7 +15,11 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import backend_of, get_array_module, to_numpy
+from .flat import FlatArrays
 from .optim.base import scratch_views
+
+CHUNK = 1 << 15   # elements per call of a flat update: long calls, and a working set that stays in the L2 cache
+_CHUNK_KEY = ("chunk",)
 
 
 class EMA:
@@ -30,9 +34,16 @@ class EMA:
             raise ValueError(f"decay must be in [0, 1], got {decay!r}")
         self.decay, self.warmup = float(decay), bool(warmup)
         self.num_updates = 0
-        self.params = {name: p.copy() for name, p in params.items()}
         self._xp = get_array_module(*params.values())
-        self._scratch = scratch_views(params, 1)
+        if isinstance(params, FlatArrays) and params.intact():   # a model's: one flat average, updated in chunks
+            self.params = params.like(params.flat.copy())
+            n = params.flat.shape[0]
+            self._chunks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
+            self._scratch = scratch_views({**params, _CHUNK_KEY: params.flat[:CHUNK]}, 1)   # one buffer, shared
+        else:
+            self.params = {name: p.copy() for name, p in params.items()}
+            self._chunks = None
+            self._scratch = scratch_views(params, 1)
 
     def decay_at(self, n: int) -> float:
         """d_n for the n-th update (n >= 1)."""
@@ -42,12 +53,25 @@ class EMA:
         """θ̄ ← θ̄ + (1 − d_n)(θ − θ̄) for every array; returns d_n."""
         self.num_updates += 1
         d = self.decay_at(self.num_updates)
+        if self._same_layout(params):   # the same elementwise operations on the same elements, in few long calls
+            (buf,) = self._scratch[_CHUNK_KEY]
+            for a, b in self._chunks:
+                tmp = buf[:b - a]
+                self._xp.subtract(params.flat[a:b], self.params.flat[a:b], out=tmp)
+                tmp *= 1.0 - d
+                self.params.flat[a:b] += tmp
+            return d
         for name, avg in self.params.items():
             (tmp,) = self._scratch[name]
             self._xp.subtract(params[name], avg, out=tmp)
             tmp *= 1.0 - d
             avg += tmp
         return d
+
+    def _same_layout(self, params) -> bool:
+        """Whether `params` and the average are both laid end to end (minidiff.flat), alike and intact."""
+        return (self._chunks is not None and isinstance(params, FlatArrays) and params.intact()
+                and self.params.intact() and params.spans == self.params.spans)
 
     def copy_to(self, params: dict) -> None:
         """Write the averaged weights into `params` (e.g. a sampling copy of the model), in place."""

@@ -152,3 +152,29 @@ def test_ema_update_makes_no_parameter_sized_temporaries():
 def test_ema_refuses_decay_outside_unit_interval():
     with pytest.raises(ValueError, match="decay"):
         EMA({"x": np.zeros(1)}, decay=1.5)
+
+
+@pytest.mark.parametrize("device", ["cpu", "strict"])
+def test_ema_of_parameters_laid_end_to_end_is_the_per_array_ema_bit_for_bit(device, monkeypatch):
+    """A model's parameters (minidiff.flat) are averaged in long chunks that cut across arrays: the same elementwise
+    operations, so the same bits as array by array; a plain dict handed to update takes the per-array path."""
+    from minidiff import ema as ema_module
+    from minidiff.backend import get_backend
+    from minidiff.flat import FlatArrays, total_size
+    monkeypatch.setattr(ema_module, "CHUNK", 7)   # chunks that start and end inside arrays
+    be = get_backend(device)
+    shapes = {"w": (3, 4), "b": (5,), "k": (2, 2, 2)}
+    rng = np.random.default_rng(8)
+    steps = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(6)]
+    flat = FlatArrays(shapes, be.xp.zeros(total_size(shapes), dtype=np.float32))
+    plain = {k: be.xp.zeros(s, dtype=np.float32) for k, s in shapes.items()}
+    emas = [EMA(p, decay=0.9, warmup=True) for p in (flat, plain)]
+    assert emas[0]._chunks == [(0, 7), (7, 14), (14, 21), (21, 25)] and emas[1]._chunks is None
+    for i, new in enumerate(steps):
+        for p in (flat, plain):
+            for k, v in new.items():
+                p[k][...] = be.asarray(v)
+        emas[0].update(flat if i != 3 else dict(flat))   # step 3: not laid out, so array by array
+        emas[1].update(plain)
+    for k in shapes:
+        assert np.array_equal(to_numpy(emas[0].params[k]), to_numpy(emas[1].params[k])), k
