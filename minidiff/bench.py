@@ -92,6 +92,7 @@ def ours_unit(cfg, model):
         schedule = make_schedule("linear", 1000)
         fn = lambda x, t: model.forward(x, t, cache=False)  # noqa: E731
         return lambda: ddim_sample(fn, schedule, cfg.input_shape, num_steps=cfg.sample_steps, backend=be, dtype=dt)
+    model.start_workers(cfg.input_shape)   # before the optimizer state: see there
     opt = build_optimizer("adam", model.params, lr=LR)
     x, t, y = host_batch(cfg)
     x, y = be.asarray(x, dtype=dt), be.asarray(y, dtype=dt)

@@ -14,6 +14,8 @@ order in which the parts' gradients are summed depends on the thread count.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .backend import Backend, get_backend, resolve_dtype
@@ -99,8 +101,7 @@ class Denoiser:
         """forward_images(x_part, t_part, tape_part) -> output part, over parts of the batch; the outputs joined."""
         xp = self.backend.xp
         x, tape = self._start(x, cache)
-        min_part = MIN_PART_ELEMENTS if self._parts_in_processes() else MIN_PART_ELEMENTS_THREADS
-        parts = batch_parts(x.shape[0], min(cpu_workers(xp), max(1, x.size // min_part)))
+        parts = self._batch_parts(x.shape)
         tapes = [Tape() if cache else NoTape() for _ in parts]
         workers = self._part_workers(len(parts))
         if workers is None:
@@ -133,6 +134,18 @@ class Denoiser:
             for name, g in other.items():
                 grads[0][name] += g
         return self._finish_backward(grads[0])
+
+    def _batch_parts(self, shape):
+        """The (start, stop) parts a batch of `shape` runs in: one per core, where each gets enough work."""
+        min_part = MIN_PART_ELEMENTS if self._parts_in_processes() else MIN_PART_ELEMENTS_THREADS
+        return batch_parts(shape[0], min(cpu_workers(self.backend.xp), max(1, math.prod(shape) // min_part)))
+
+    def start_workers(self, batch_shape) -> None:
+        """Fork now the worker processes that a batch of `batch_shape` runs its parts in (if any), instead of at the
+        first split call. Memory the caller allocates afterwards (optimizer state, an EMA) is then the parent's
+        alone: allocated before the fork, each worker would keep the original of every page the parent then writes
+        (copy-on-write), 2 x the parameters for Adam's state."""
+        self._part_workers(len(self._batch_parts(batch_shape)))
 
     def worker_memory_mib(self) -> float:
         """Peak memory (MiB) that this model's worker processes added since they forked; 0.0 without workers."""

@@ -96,6 +96,8 @@ class Trainer:
         self.model_name, self.model_config = model_spec(config, self.dataset)
         self.model = build_model(self.model_name, **self.model_config, dtype=config.dtype, seed=config.seed,
                                  device=self.backend)
+        # before the optimizer and the EMA allocate (Denoiser.start_workers)
+        self.model.start_workers((config.batch_size, *self.dataset.train.shape[1:]))
         self.schedule = make_schedule(config.schedule, config.timesteps)
         T = config.timesteps
         self.timestep_sampler = LossAwareSampler(T) if config.timestep_sampling == "loss_aware" else UniformSampler(T)

@@ -193,3 +193,27 @@ def test_shared_arrays_are_shared_with_a_forked_child():
         os._exit(0)
     os.waitpid(pid, 0)
     np.testing.assert_array_equal(arrays["b"], 7.0)
+
+
+def test_workers_started_before_the_optimizer_do_not_keep_copies_of_its_state(two_parts, monkeypatch):
+    """Forked after Adam allocates, a worker keeps the original of each state page the parent then writes
+    (copy-on-write): 2 x the parameters. start_workers forks first, so the state is the parent's alone."""
+    monkeypatch.setattr(procs, "USE_PROCESSES", True)
+    x, t = _batch(0)
+    memory = {}
+    for early in (True, False):
+        model = UNet(base_channels=64, groups=8, channel_mults=(1, 2), attention_levels=(), seed=3)
+        model.start_workers((1, 1, 8, 8))    # one image: one part, nothing to fork
+        assert model._workers is None
+        if early:
+            model.start_workers(x.shape)
+            assert model._workers is not None and model._workers.count == 1
+        workers = model._workers
+        opt = build_optimizer("adam", model.params, lr=1e-3)
+        for _ in range(2):
+            opt.step(model.backward(model.forward(x, t) - x))
+        assert workers is None or model._workers is workers   # the early workers ran the parts
+        memory[early] = model.worker_memory_mib()
+        model._workers.close()
+    adam_state_mib = 2 * model.num_params() * 4 / 2 ** 20
+    assert memory[False] - memory[True] > 0.8 * adam_state_mib, (memory, adam_state_mib)
