@@ -1,12 +1,13 @@
 """Arrays laid end to end in one flat buffer, so that elementwise work over all of them can run on a few long runs.
 
 A model's parameters are ~130 small arrays. An optimizer step applies the same elementwise rule to each, and in
-NumPy every operation costs ~1 us of call overhead whatever its size: per parameter, Adam's ten operations cost more
-in calls than in arithmetic (1.2 ms per digits step against 0.28 ms for the same rule on one array of all 177k
-weights, measured on one core). `FlatArrays` is a dict whose arrays are consecutive views into one 1-D buffer, in
-dict order, with no gaps; `runs` cuts that buffer into runs of whole arrays, which an optimizer then treats like
-single arrays (PyTorch's "multi-tensor" optimizers group parameters the same way). An elementwise rule gives the
-same bits per element however the elements are grouped.
+NumPy every operation costs ~1 us of call overhead whatever its size (on a GPU, a kernel launch): per parameter,
+Adam's ten operations cost more in calls than in arithmetic. `FlatArrays` is a dict whose arrays are consecutive
+views into one 1-D buffer, in dict order, with no gaps; `runs` cuts that buffer into runs of whole arrays, which an
+optimizer then treats like single arrays (PyTorch's "multi-tensor" optimizers group parameters the same way). An
+elementwise rule gives the same bits per element however the elements are grouped. Measured on one core, a digits
+model (128 arrays, 177k weights): Adam 1.29 ms a step array by array, 0.38 ms in runs of 32k elements; the EMA
+0.40 ms and 0.12 ms.
 """
 
 from __future__ import annotations

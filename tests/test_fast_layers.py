@@ -26,8 +26,10 @@ NHWC_CONV_CASES = [  # N, H, W, C, O, (kh, kw), stride, padding
 
 @pytest.fixture
 def tiny_chunks(monkeypatch):
-    """One image per conv chunk (scratch reuse, weight gradients summed over chunks) and narrow GroupNorm rows."""
+    """One image per conv and GroupNorm chunk (scratch reuse, weight gradients summed over chunks) and narrow
+    GroupNorm rows."""
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(norm, "CHUNK_BYTES", 1)
     monkeypatch.setattr(norm, "WIDE", 12)   # GroupNorm rows a few pixels wide: 1 < k < H * W on test shapes
 
 
