@@ -38,6 +38,7 @@ from multiprocessing.connection import Pipe
 import numpy
 
 from .flat import FlatArrays, total_size
+from .workspace import release_free_memory
 
 # Linux only: elsewhere fork is missing, or (macOS) unsafe once system frameworks such as Accelerate have started
 # threads. Set it to False before building a model to run its parts on threads (tests compare the two).
@@ -131,6 +132,7 @@ class PartWorkers:
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not training's "stop after this step" flag
                     for conn in self.conns + [mine]:   # the parent's ends, so only the parent holds them
                         conn.close()
+                    release_free_memory()   # before the parent reuses its free blocks (see there)
                     _serve(theirs, model, self.grads[k])
                 except BaseException:   # noqa: BLE001
                     code = 1

@@ -90,3 +90,17 @@ def retain_freed_memory() -> bool:
         return bool(libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20))
     except (OSError, AttributeError):
         return False
+
+
+def release_free_memory() -> bool:
+    """Hand the pages of the C heap's free blocks back to the OS (glibc's malloc_trim(0)); False elsewhere.
+
+    For a freshly forked worker (minidiff.procs): the free blocks it inherits are free in the parent too, and the
+    parent's next allocations write into them; every page written then is copied, and the worker would keep the
+    old copy it never uses (as much as the parent had freed before the fork). Released in the worker first, the
+    page stays the parent's alone.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
