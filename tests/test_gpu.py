@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from minidiff.backend import BackendError, get_backend, to_numpy
+from minidiff.flat import FlatArrays, total_size
 from minidiff.optim import build_optimizer, fused
 from minidiff.samplers import ddim_sample
 from minidiff.schedules import make_schedule
@@ -83,11 +84,19 @@ OPTIMIZERS = [
 ]
 
 
-def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None):
+def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None, flat=False):
+    """flat: the parameters laid end to end, as a model's are (minidiff.flat): the generic step then goes by runs."""
     rng = np.random.default_rng(1)
     shapes = {"w": (16, 8, 3, 3), "b": (16,), "s": ()}
-    params = {k: backend.asarray(rng.standard_normal(s), dtype=dtype) for k, s in shapes.items()}
+    host = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    if flat:
+        params = FlatArrays(shapes, backend.xp.zeros(total_size(shapes), dtype=dtype))
+        for k, v in host.items():
+            params[k][...] = backend.asarray(v, dtype=dtype)
+    else:
+        params = {k: backend.asarray(v, dtype=dtype) for k, v in host.items()}
     opt = build_optimizer(name, params, **hyper)
+    assert bool(opt._runs) == flat
     for step in range(steps):
         if step == 3:
             opt.lr = opt.lr * 0.7   # a schedule changes the rate mid-run
@@ -104,16 +113,16 @@ def test_optimizer_steps_on_the_gpu_match_numpy_fused_or_not(name, hyper, dtype,
         real = getattr(fused, fn)
         monkeypatch.setattr(fused, fn, lambda *a, _real=real: calls.append(1) or _real(*a))
     cpu_params, cpu_bufs = _run_optimizer(CPU, name, hyper, dtype)
-    for enabled in (True, False):
+    for enabled, flat in ((True, False), (False, False), (True, True), (False, True)):
         monkeypatch.setattr(fused, "ENABLED", enabled)
         calls.clear()
-        gpu_params, gpu_bufs = _run_optimizer(GPU, name, hyper, dtype)
+        gpu_params, gpu_bufs = _run_optimizer(GPU, name, hyper, dtype, flat=flat)
         has_kernel = name in ("sgd", "nesterov", "adamw") or (name == "adam" and not hyper.get("amsgrad"))
         assert bool(calls) == (enabled and has_kernel)
         for k, p in cpu_params.items():
-            assert _rel(gpu_params[k], p) < RTOL[dtype] / 10, (enabled, k)  # six steps, no deep network
+            assert _rel(gpu_params[k], p) < RTOL[dtype] / 10, (enabled, flat, k)  # six steps, no deep network
             for b, arr in cpu_bufs[k].items():
-                assert _rel(gpu_bufs[k][b], arr) < RTOL[dtype] / 10, (enabled, k, b)
+                assert _rel(gpu_bufs[k][b], arr) < RTOL[dtype] / 10, (enabled, flat, k, b)
 
 
 def test_fused_step_casts_gradients_of_another_dtype_like_the_generic_path():
