@@ -99,8 +99,8 @@ CHUNK_BYTES = 2 << 20   # bytes of images per call of the NumPy path: see group_
 
 
 def _chunks(x):
-    """(start, stop) ranges of images of about CHUNK_BYTES each (one range for a small x)."""
-    return batch_parts(x.shape[0], -(-x.nbytes // CHUNK_BYTES))
+    """(start, stop) ranges of images of about CHUNK_BYTES each, or None for a small x (one range: all of it)."""
+    return None if x.nbytes <= CHUNK_BYTES else batch_parts(x.shape[0], -(-x.nbytes // CHUNK_BYTES))
 
 
 def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=True):
@@ -117,19 +117,20 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=
     xp = get_array_module(x)
     if is_cupy_module(xp):
         return norm_gpu.group_norm_forward(xp, x, gamma, beta, groups, eps, silu, cache)
-    N = x.shape[0]
     out = xp.empty_like(x)
     dsilu = xp.empty_like(x) if silu and cache else None   # 2 SiLU'(h), for the backward
-    mean, inv_std = xp.empty((N, groups), dtype=x.dtype), xp.empty((N, groups), dtype=x.dtype)
-    for a, b in _chunks(x):
-        _forward_part(x[a:b], gamma, beta, groups, eps, out[a:b], None if dsilu is None else dsilu[a:b],
-                      mean[a:b], inv_std[a:b], silu)
+    chunks = _chunks(x)
+    if chunks is None:   # most calls: no slicing, no joining (a few us of a ~0.2 ms call)
+        mean, inv_std = _forward_part(xp, x, gamma, beta, groups, eps, out, dsilu, silu)
+    else:
+        stats = [_forward_part(xp, x[a:b], gamma, beta, groups, eps, out[a:b],
+                               None if dsilu is None else dsilu[a:b], silu) for a, b in chunks]
+        mean, inv_std = (xp.concatenate(s) for s in zip(*stats))
     return out, ((x, mean, inv_std, gamma, groups, dsilu) if cache else None)
 
 
-def _forward_part(x, gamma, beta, groups, eps, out, dsilu, mean_out, inv_std_out, silu):
-    """The forward on images x, into out, dsilu (None: no cache) and the (n, G) mean and inv_std."""
-    xp = get_array_module(x)
+def _forward_part(xp, x, gamma, beta, groups, eps, out, dsilu, silu):
+    """The forward on images x, into out and dsilu (None: no cache) -> their (n, G) mean and inv_std."""
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
     count, k = x3.shape[1] * (C // groups), _wide(x3)
@@ -141,7 +142,6 @@ def _forward_part(x, gamma, beta, groups, eps, out, dsilu, mean_out, inv_std_out
     xp.subtract(xw, mean_t[:, None], out=tmp)
     tmp *= tmp
     inv_std = 1.0 / xp.sqrt(_group_means(channel_sums(tmp.reshape(x3.shape)), R, count) + eps)   # (N, G)
-    mean_out[...], inv_std_out[...] = mean, inv_std
     a = (inv_std @ E) * tiled(gamma, k)                                      # h = x * a + b, a and b (N, k C)
     b = tiled(beta, k) - mean_t * a
     if silu:
@@ -151,7 +151,7 @@ def _forward_part(x, gamma, beta, groups, eps, out, dsilu, mean_out, inv_std_out
         if dsilu is None:   # the same two operations as below, so both forwards agree bit for bit
             t *= half_h
             xp.add(half_h, t, out=out)
-            return
+            return mean, inv_std
         dsilu = dsilu.reshape(xw.shape)
         xp.multiply(half_h, t, out=dsilu)
         xp.add(half_h, dsilu, out=out)                                      # h s = h/2 + (h/2) t
@@ -162,6 +162,7 @@ def _forward_part(x, gamma, beta, groups, eps, out, dsilu, mean_out, inv_std_out
     else:
         xp.multiply(xw, a[:, None], out=out)
         out += b[:, None]
+    return mean, inv_std
 
 
 # Let h = x_hat * gamma + beta and dh = dL/dh. With SiLU, out = h s, s = sigmoid(h) = (1 + t) / 2, t = tanh(h/2):
@@ -178,18 +179,19 @@ def group_norm_nhwc_backward(dout, cache):
     xp = get_array_module(dout)
     if is_cupy_module(xp):
         return norm_gpu.group_norm_backward(xp, dout, cache)
-    N, C = x.shape[0], x.shape[-1]
     dx = xp.empty_like(dout)
-    sum_dxhat, sum_d = xp.empty((N, C), dtype=dout.dtype), xp.empty((N, C), dtype=dout.dtype)
-    for a, b in _chunks(x):
-        _backward_part(dout[a:b], x[a:b], mean[a:b], inv_std[a:b], gamma, groups,
-                       None if dsilu is None else dsilu[a:b], dx[a:b], sum_dxhat[a:b], sum_d[a:b])
+    chunks = _chunks(x)
+    if chunks is None:
+        sum_dxhat, sum_d = _backward_part(xp, dout, x, mean, inv_std, gamma, groups, dsilu, dx)
+    else:
+        sums = [_backward_part(xp, dout[a:b], x[a:b], mean[a:b], inv_std[a:b], gamma, groups,
+                               None if dsilu is None else dsilu[a:b], dx[a:b]) for a, b in chunks]
+        sum_dxhat, sum_d = (xp.concatenate(s) for s in zip(*sums))
     return dx, {"weight": sum_dxhat.sum(axis=0), "bias": sum_d.sum(axis=0)}   # image sums added as one, in order
 
 
-def _backward_part(dout, x, mean, inv_std, gamma, groups, dsilu, dx, sum_dxhat_out, sum_d_out):
-    """The backward on images x, into dx and the per-image (n, C) sums of dh * x_hat and dh."""
-    xp = get_array_module(dout)
+def _backward_part(xp, dout, x, mean, inv_std, gamma, groups, dsilu, dx):
+    """The backward on images x, into dx -> the per-image (n, C) sums of dh * x_hat and dh."""
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
     count, k = x3.shape[1] * (C // groups), _wide(x3)
@@ -212,4 +214,4 @@ def _backward_part(dout, x, mean, inv_std, gamma, groups, dsilu, dx, sum_dxhat_o
     tmp += ((inv_std * (mean * inv_std * mean_gx - mean_g)) @ E)[:, None]           # + D
     xp.multiply(q, tiled(inv_c * gamma * half, k)[:, None], out=dx)                # dh * A (q may be dx itself)
     dx += tmp
-    sum_dxhat_out[...], sum_d_out[...] = sum_dxhat, sum_d
+    return sum_dxhat, sum_d
