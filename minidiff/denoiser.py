@@ -147,6 +147,12 @@ class Denoiser:
         (copy-on-write), 2 x the parameters for Adam's state."""
         self._part_workers(len(self._batch_parts(batch_shape)))
 
+    def stop_workers(self) -> None:
+        """Close the worker processes (if any); the next split call forks new ones."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+
     def worker_memory_mib(self) -> float:
         """Peak memory (MiB) that this model's worker processes added since they forked; 0.0 without workers."""
         workers = self._workers

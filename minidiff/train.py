@@ -217,12 +217,17 @@ class Trainer:
         shape = (n,) + self.dataset.shape
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
-        with quiet_float_errors():
-            if sampler == "ddpm":
-                x = ddpm_sample(model_fn, self.schedule, shape, **common)
-            else:
-                x = ddim_sample(model_fn, self.schedule, shape, num_steps=num_steps, eta=eta, **common)
-            return to_numpy(x)
+        try:
+            with quiet_float_errors():
+                if sampler == "ddpm":
+                    x = ddpm_sample(model_fn, self.schedule, shape, **common)
+                else:
+                    x = ddim_sample(model_fn, self.schedule, shape, num_steps=num_steps, eta=eta, **common)
+                return to_numpy(x)
+        finally:
+            # between samples its workers would fill with copies of the pages training rewrites (Adam's state,
+            # the work buffers): 7.6 -> 12.8 MiB over 40 digits steps. A fork per sampling call costs far less.
+            model.stop_workers()
 
     # --- the loop --------------------------------------------------------------------------------------------------
     def train(self, run, until_step: int, progress=None) -> None:

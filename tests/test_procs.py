@@ -223,3 +223,24 @@ def test_workers_started_before_the_optimizer_do_not_keep_copies_of_its_state(tw
         model._workers.close()
     adam_state_mib = 2 * model.num_params() * 4 / 2 ** 20
     assert memory[False] - memory[True] > 0.8 * adam_state_mib, (memory, adam_state_mib)
+
+
+def test_trainer_sampling_forks_workers_per_call_and_leaves_none_behind(two_parts, monkeypatch):
+    """The sampling model's workers are closed after each sample (between samples they would fill with copies of
+    what training rewrites); forked anew, they give the same samples."""
+    from minidiff.config import TrainConfig
+    from minidiff.train import Trainer
+    monkeypatch.setattr(procs, "USE_PROCESSES", True)
+    forks = []
+    init = procs.PartWorkers.__init__
+    monkeypatch.setattr(procs.PartWorkers, "__init__", lambda self, *a: (forks.append(1), init(self, *a))[1])
+    trainer = Trainer(TrainConfig(dataset="digits", batch_size=8, steps=2, eval_every=0, probe_every=0))
+    trainer.train_step()
+    first = trainer.sample(4, num_steps=2, seed=1)
+    assert trainer._sampling_model._workers is None
+    trainer.train_step()
+    a = trainer.sample(4, num_steps=2, seed=1)
+    b = trainer.sample(4, num_steps=2, seed=1)
+    assert trainer._sampling_model._workers is None and first.shape == a.shape
+    np.testing.assert_array_equal(a, b)
+    assert len(forks) == 4   # the training model's workers (start_workers) and one set per sample call
