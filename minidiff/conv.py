@@ -16,7 +16,7 @@ Layouts: x (N, H, W, C), w (O, C, kh, kw) as PyTorch's OIHW, b (O,), out (N, Ho,
 
 from __future__ import annotations
 
-from .backend import get_array_module
+from .backend import get_array_module, is_cupy_module
 from .parallel import batch_parts
 from .norm import add_channels, channel_sums
 from .workspace import scratch, scratch_kept
@@ -60,9 +60,12 @@ def im2col(x, kh, kw, stride, ph, pw, name="im2col"):
     src = x
     if ph or pw:
         # one padded buffer for every shape, not a zeroed one per shape (which kept a few images of every layer's
-        # padded input alive between calls): its border is zeroed when the last use had another geometry
+        # padded input alive between calls): its border is zeroed when the last use had another geometry. On a
+        # GPU memory is plentiful and every zeroing is four launches: one buffer per geometry, zeroed once.
         padded = (n, H + 2 * ph, W + 2 * pw, C)
-        src, kept = scratch_kept(name + ".pad", padded, x, tag=(padded, ph, pw))
+        tag = (padded, ph, pw)
+        pad_name = name + ".pad" + (str(tag) if is_cupy_module(get_array_module(x)) else "")
+        src, kept = scratch_kept(pad_name, padded, x, tag=tag)
         if not kept:
             src[:, :ph] = 0
             src[:, ph + H:] = 0

@@ -59,6 +59,8 @@ def add_grads(grads, prefix, layer_grads):
 class Denoiser:
     """Base class: builds `params` from specs with a seeded host RNG and keeps the forward's tape for backward."""
 
+    splits_batch = False   # True where forward and backward go through _forward_in_parts / _backward_in_parts
+
     def __init__(self, config, dtype="float32", seed=0, device=None):
         self.config = dict(config, dtype=np.dtype(resolve_dtype(dtype)).name, seed=int(seed))
         self.dtype = resolve_dtype(dtype)
@@ -144,8 +146,9 @@ class Denoiser:
         """Fork now the worker processes that a batch of `batch_shape` runs its parts in (if any), instead of at the
         first split call. Memory the caller allocates afterwards (optimizer state, an EMA) is then the parent's
         alone: allocated before the fork, each worker would keep the original of every page the parent then writes
-        (copy-on-write), 2 x the parameters for Adam's state."""
-        self._part_workers(len(self._batch_parts(batch_shape)))
+        (copy-on-write), 2 x the parameters for Adam's state. A model whose forward never splits forks nothing."""
+        if self.splits_batch:
+            self._part_workers(len(self._batch_parts(batch_shape)))
 
     def stop_workers(self) -> None:
         """Close the worker processes (if any); the next split call forks new ones."""

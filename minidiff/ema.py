@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import backend_of, get_array_module, to_numpy
+from .backend import backend_of, get_array_module, is_cupy_module, to_numpy
 from .flat import FlatArrays
 from .optim.base import scratch_views
 
@@ -38,8 +38,9 @@ class EMA:
         if isinstance(params, FlatArrays) and params.intact():   # a model's: one flat average, updated in chunks
             self.params = params.like(params.flat.copy())
             n = params.flat.shape[0]
-            self._chunks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
-            self._scratch = scratch_views({**params, _CHUNK_KEY: params.flat[:CHUNK]}, 1)   # one buffer, shared
+            chunk = n if is_cupy_module(self._xp) else CHUNK   # a GPU has no cache to fit, only launches to save
+            self._chunks = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+            self._scratch = scratch_views({**params, _CHUNK_KEY: params.flat[:chunk]}, 1)   # one buffer, shared
         else:
             self.params = {name: p.copy() for name, p in params.items()}
             self._chunks = None

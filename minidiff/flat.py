@@ -18,8 +18,10 @@ import math
 class FlatArrays(dict):
     """dict name -> array, each a C-contiguous view of `flat[start:stop]` (consecutive, in dict order).
 
-    flat_arrays(shapes, flat) builds one; `intact()` says whether the dict still holds exactly those views (an entry
-    replaced by another array breaks the layout, and users of `flat` must then fall back to the arrays one by one).
+    FlatArrays(shapes, flat) lays arrays of `shapes` (name -> shape) over `flat`, a 1-D array of exactly their total
+    size; `intact()` says whether the dict still holds exactly those views (an entry replaced by another array breaks
+    the layout, and users of `flat` must then fall back to the arrays one by one). A copy (copy.deepcopy, pickle) is
+    laid out over a copy of `flat`, or is a plain dict when the layout was broken.
     """
 
     def __init__(self, shapes: dict, flat):
@@ -27,13 +29,20 @@ class FlatArrays(dict):
         for name, shape in shapes.items():
             spans[name] = (start, start + math.prod(shape), tuple(shape))
             start += math.prod(shape)
-        if start != flat.shape[0] or flat.ndim != 1:
-            raise ValueError(f"the flat buffer holds {flat.shape} elements, the shapes need ({start},)")
+        if flat.ndim != 1 or start != flat.shape[0]:
+            raise ValueError(f"the flat buffer has shape {flat.shape}, the shapes need ({start},)")
         super().__init__({name: flat[a:b].reshape(shape) for name, (a, b, shape) in spans.items()})
         self.flat = flat
         self.spans = {name: (a, b) for name, (a, b, _) in spans.items()}
         self._shapes = {name: shape for name, (_, _, shape) in spans.items()}
         self._views = tuple(self.values())
+
+    def __reduce__(self):
+        # a dict subclass would otherwise be rebuilt item by item: views copied apart from a copied `flat`, which an
+        # optimizer built on the copy would then update in their place
+        if self.intact():
+            return FlatArrays, (self._shapes, self.flat)
+        return dict, (dict(self),)
 
     def intact(self) -> bool:
         return len(self) == len(self._views) and all(a is b for a, b in zip(self.values(), self._views))

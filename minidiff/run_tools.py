@@ -25,7 +25,7 @@ def load_trainer(path) -> tuple[Trainer, RunFile]:
     state = run.load_checkpoint() if run.checkpoint_step is not None else None
     if state is None:
         raise ValueError(f"{path}: the run has no checkpoint yet (nothing to sample from)")
-    trainer = Trainer(TrainConfig.from_dict(run.config))
+    trainer = Trainer(TrainConfig.from_dict(run.config), start_workers=False)   # it samples with another model
     trainer.load_state_dict(state)
     return trainer, run
 

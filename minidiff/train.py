@@ -88,7 +88,8 @@ def quiet_float_errors():
 class Trainer:
     """Holds every piece of a run's state; `train(run, until_step)` advances it and records it."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, start_workers: bool = True):
+        """start_workers=False: a Trainer only read from (sampling, evaluation) forks no worker processes up front."""
         self.config = config = config.validated()
         self.backend = get_backend(config.device)
         self.dataset = load_dataset(config.dataset, seed=config.seed, holdout=config.holdout,
@@ -96,8 +97,8 @@ class Trainer:
         self.model_name, self.model_config = model_spec(config, self.dataset)
         self.model = build_model(self.model_name, **self.model_config, dtype=config.dtype, seed=config.seed,
                                  device=self.backend)
-        # before the optimizer and the EMA allocate (Denoiser.start_workers)
-        self.model.start_workers((config.batch_size, *self.dataset.train.shape[1:]))
+        if start_workers:   # before the optimizer and the EMA allocate (Denoiser.start_workers)
+            self.model.start_workers((config.batch_size, *self.dataset.train.shape[1:]))
         self.schedule = make_schedule(config.schedule, config.timesteps)
         T = config.timesteps
         self.timestep_sampler = LossAwareSampler(T) if config.timestep_sampling == "loss_aware" else UniformSampler(T)

@@ -146,6 +146,8 @@ class UNet(Denoiser):
     the timestep a ResBlock adds.
     """
 
+    splits_batch = True
+
     def __init__(self, in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
                  attention_levels=(1,), groups=8, num_heads=1, mid_attention=True, dtype="float32", seed=0,
                  device=None):

@@ -68,6 +68,14 @@ def test_conv2d_nhwc_forward_matches_torch(cpu_backend, torch, tiny_chunks, case
     np.testing.assert_allclose(_nhwc_to_nchw(to_numpy(out)), ref.numpy(), rtol=0, atol=1e-12)
 
 
+@pytest.fixture(params=["shared", "per-geometry"])
+def pad_buffers(request, monkeypatch):
+    """Both ways of keeping padded inputs: one buffer for all shapes (CPU), one per geometry (what CuPy uses)."""
+    if request.param == "per-geometry":
+        monkeypatch.setattr(conv, "is_cupy_module", lambda xp: True)
+    return request.param
+
+
 @pytest.mark.parametrize("case", NHWC_CONV_CASES)
 def test_conv2d_nhwc_ignores_what_earlier_calls_left_in_scratch(cpu_backend, tiny_chunks, case):
     """Padded inputs and column matrices live in scratch buffers shared by every shape: a call must write every
@@ -90,6 +98,36 @@ def test_conv2d_nhwc_ignores_what_earlier_calls_left_in_scratch(cpu_backend, tin
         buf[...] = np.nan
     for got, want in zip(run(), fresh):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_nhwc_of_a_transposed_view_equals_that_of_its_contiguous_copy(cpu_backend, tiny_chunks, silu):
+    """A channels-last view of an NCHW array (not C-contiguous) normalises like its contiguous copy."""
+    rng = np.random.default_rng(6)
+    x_nchw, d_nchw = randn(rng, 3, 4, 5, 6), randn(rng, 3, 4, 5, 6)
+    gamma, beta = (cpu_backend.asarray(randn(rng, 4)) for _ in range(2))
+    results = []
+    for make in (lambda a: a.transpose(0, 2, 3, 1), lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))):
+        x, d = cpu_backend.asarray(make(x_nchw)), cpu_backend.asarray(make(d_nchw))
+        out, cache = norm.group_norm_nhwc_forward(x, gamma, beta, 2, silu=silu)
+        dx, g = norm.group_norm_nhwc_backward(d, cache)
+        results.append([to_numpy(a) for a in (out, dx, g["weight"], g["bias"])])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_nhwc_rezeroes_the_padded_border_for_the_same_padded_shape_with_another_padding(cpu_backend,
+                                                                                             pad_buffers):
+    """5x5 padded by 1 and 3x3 padded by 2 are both 7x7: the second must not take the first's border (one pixel
+    wide) for its own (two)."""
+    from minidiff import workspace
+    rng = np.random.default_rng(7)
+    w = cpu_backend.asarray(randn(rng, 2, 3, 3, 3))
+    first, second = cpu_backend.asarray(randn(rng, 2, 5, 5, 3)), cpu_backend.asarray(randn(rng, 2, 3, 3, 3))
+    workspace.clear()
+    want = to_numpy(conv.conv2d_nhwc_forward(second, w, None, padding=2)[0])
+    conv.conv2d_nhwc_forward(first, w, None, padding=1)
+    np.testing.assert_array_equal(to_numpy(conv.conv2d_nhwc_forward(second, w, None, padding=2)[0]), want)
 
 
 def test_scratch_kept_says_whether_the_last_use_had_the_same_tag_and_the_buffer_was_not_grown():

@@ -465,7 +465,7 @@ def test_runs_cover_every_array_once_in_order_each_just_long_enough():
     assert [names for _, _, names in runs] == [("p0", "p1"), ("p2", "p3", "p4"), ("p5", "p6", "p7", "p8"),
                                                ("p9",), ("p10",)]
     assert [(a, b) for a, b, _ in runs] == [(0, 35), (35, 49), (49, 61), (61, 101), (101, 103)]
-    with pytest.raises(ValueError, match="holds"):
+    with pytest.raises(ValueError, match="flat buffer has shape"):
         FlatArrays(shapes, np.zeros(total_size(shapes) + 1))
 
 
@@ -476,3 +476,38 @@ def test_a_models_parameters_are_laid_end_to_end_and_its_optimizer_uses_runs(dev
     assert isinstance(model.params, FlatArrays) and model.params.intact()
     opt = build_optimizer("adam", model.params)
     assert sum(len(run.members) for run in opt._runs) == len(model.params) > len(opt._runs)
+
+
+def test_a_copy_of_parameters_laid_end_to_end_is_laid_over_its_own_buffer():
+    """copy.deepcopy / pickle of a FlatArrays (a model copied for an EMA, say): the copy's arrays are views of the
+    copy's buffer, so an optimizer on the copy updates the copy, and the original is untouched."""
+    import copy
+    import pickle
+    start = {k: np.random.default_rng(9).standard_normal(s).astype(np.float32) for k, s in RUN_SHAPES.items()}
+    original = _flat_or_not(get_backend("cpu"), True, start)
+    for clone in (copy.deepcopy(original), pickle.loads(pickle.dumps(original))):
+        assert isinstance(clone, FlatArrays) and clone.intact()
+        build_optimizer("sgd", clone, lr=1.0).step({k: np.ones(s, dtype=np.float32) for k, s in RUN_SHAPES.items()})
+        for k in RUN_SHAPES:
+            np.testing.assert_array_equal(clone[k], start[k] - 1.0)
+            np.testing.assert_array_equal(original[k], start[k])
+    original["b"] = np.zeros(4, dtype=np.float32)   # layout broken: a copy is a plain dict
+    assert type(copy.deepcopy(original)) is dict
+
+
+def test_a_subclass_with_its_own_update_rule_is_stepped_array_by_array():
+    """Runs are for rules declared elementwise; a subclass's own _update (a per-tensor trust ratio, say) is not."""
+    class PerTensor(Adam):
+        def _update(self, *args):
+            super()._update(*args)
+
+    class Declared(PerTensor):
+        elementwise_update = True
+
+        def _update(self, *args):
+            super()._update(*args)
+
+    params = _flat_or_not(get_backend("cpu"), True, {k: np.ones(s) for k, s in RUN_SHAPES.items()})
+    assert build_optimizer("adamw", params)._runs and build_optimizer("nadam", params)._runs
+    assert not PerTensor(params)._runs
+    assert Declared(params)._runs

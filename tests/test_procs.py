@@ -244,3 +244,16 @@ def test_trainer_sampling_forks_workers_per_call_and_leaves_none_behind(two_part
     assert trainer._sampling_model._workers is None and first.shape == a.shape
     np.testing.assert_array_equal(a, b)
     assert len(forks) == 4   # the training model's workers (start_workers) and one set per sample call
+
+
+def test_models_that_never_split_and_read_only_trainers_fork_no_workers(two_parts, monkeypatch):
+    from minidiff.config import TrainConfig
+    from minidiff.models import MLPDenoiser
+    from minidiff.train import Trainer
+    monkeypatch.setattr(procs, "USE_PROCESSES", True)
+    mlp = MLPDenoiser()
+    mlp.start_workers((4096, 2))   # its forward takes the whole batch: workers would idle all run
+    assert mlp._workers is None
+    config = TrainConfig(dataset="digits", batch_size=8, steps=2, eval_every=0, probe_every=0)
+    assert Trainer(config, start_workers=False).model._workers is None
+    assert Trainer(config).model._workers is not None

@@ -133,7 +133,7 @@ class Optimizer:
         self.step_count = 0
         self._xp = get_array_module(*params.values())
         self._runs = []   # set by _lay_out_runs where the parameters are laid end to end (see there)
-        if isinstance(params, FlatArrays) and params.intact():
+        if isinstance(params, FlatArrays) and params.intact() and self._update_is_elementwise():
             self._lay_out_runs(params)
         else:
             self.state = {name: {b: self._xp.zeros_like(p) for b in self.buffer_names()} for name, p in params.items()}
@@ -201,6 +201,13 @@ class Optimizer:
     # run each) in the L2 cache. Diagnostics steps go one array at a time (their sums and per-parameter norms are
     # per array). Nothing else changes: `state` still holds an array per parameter (views of the runs' state).
     RUN_SIZE = 1 << 15
+    elementwise_update = False   # set True by a class whose _update is elementwise (Adam, SGD, NAdam)
+
+    def _update_is_elementwise(self) -> bool:
+        """Whether the class that defines this optimizer's `_update` declared it elementwise: a subclass with its own
+        rule (per-tensor norms, say) takes the one-array-at-a-time step unless it declares so itself."""
+        owner = next(c for c in type(self).__mro__ if "_update" in c.__dict__)
+        return owner.__dict__.get("elementwise_update", False)
 
     def _lay_out_runs(self, params: FlatArrays) -> None:
         """State buffers laid out like the parameters (a run's state is then one slice too), the runs, and scratch
@@ -261,7 +268,8 @@ class Optimizer:
 
     def _update(self, st, theta, g, tmp, u, coef, diag) -> None:
         """Write u_t into `u` and advance the state `st` (buffer name -> array like theta) of `theta`, one parameter
-        or a run of them. `g` and `tmp` may be overwritten. Elementwise only: a run must get the same bits."""
+        or a run of them (only where the class sets elementwise_update: a run must get the same bits). `g` and `tmp`
+        may be overwritten. State arrays are written in place, never replaced: a run's state is a view of them."""
         raise NotImplementedError
 
     def _diag_host(self, diag: Diagnostics, coef: dict) -> None:
