@@ -3,8 +3,8 @@
     made, skipped = draw_figures(groups, "cmp/figures")   # groups from minidiff.compare.group_runs
 
 Each group of seeds is drawn as its mean with a +-1 sample-std band and a fainter min-max band. A figure whose
-metrics no run recorded is skipped, with the reason, for the report to list. matplotlib is an optional extra: it is imported
-only when a figure is drawn, on `Figure` objects with the Agg canvas, never through pyplot, so the caller's
+metrics no run recorded is skipped, with the reason, for the report to list. matplotlib is an optional extra: it is
+imported only when a figure is drawn, on `Figure` objects with the Agg canvas, never through pyplot, so the caller's
 (interactive) backend is left alone.
 """
 

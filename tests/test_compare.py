@@ -42,7 +42,8 @@ def _train(config, path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two seeds of Adam and one heavy-ball run on moons (probes and swd on), and a tiny UNet on digits (samples, fd)."""
+    """Two seeds of Adam and one heavy-ball run on moons (probes and swd on), and a tiny UNet on digits (samples,
+    fd)."""
     d = tmp_path_factory.mktemp("runs")
     return [_train(moons(seed=0), d / "adam-seed=0.h5"), _train(moons(seed=1), d / "adam-seed=1.h5"),
             _train(moons(optimizer="momentum"), d / "heavy-ball.h5"), _train(digits(), d / "unet.h5")]
