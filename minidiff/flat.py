@@ -48,7 +48,7 @@ class FlatArrays(dict):
         return len(self) == len(self._views) and all(a is b for a, b in zip(self.values(), self._views))
 
     def like(self, flat) -> "FlatArrays":
-        """The same layout over another buffer of the same length (optimizer state, gradients)."""
+        """The same layout over another buffer of the same length (an optimizer's state, an EMA)."""
         return FlatArrays(self._shapes, flat)
 
 
