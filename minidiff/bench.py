@@ -230,7 +230,8 @@ def _bench_one(cfg, s: _Session, say) -> dict:
     row["ratio_vs_torch"] = row["step_ms"] / row["torch_step_ms"] if s.torch else None
     # each round's two units ran back to back under the same load, so the median of per-round ratios is the
     # estimate least moved by load that comes and goes
-    row["ratio_vs_torch_paired"] = float(np.median(np.divide(*times[:2]))) if s.torch else None
+    row["ratio_vs_torch_rounds"] = [float(r) for r in np.divide(*times[:2])] if s.torch else None
+    row["ratio_vs_torch_paired"] = float(np.median(row["ratio_vs_torch_rounds"])) if s.torch else None
     row.update(peak_mem_mb=None, torch_peak_mem_mb=None, mem_ratio_vs_torch=None, memory_error=None)
     if s.memory:
         say(f"{cfg.name}: peak memory, one fresh process each")
@@ -253,8 +254,8 @@ def run_benchmarks(configs=None, repeats=5, warmup=1, threads=None, with_torch=T
     Keys: name, unit, device, dtype, batch, image_size, params, repeats; step_ms (median), step_ms_runs,
     step_ms_best, images_per_s, gflop_per_step, gflops (achieved GFLOP/s); peak_gflops (the best of the matmul
     peaks measured before each configuration, all in peak_gflops_readings), peak_fraction = gflops / peak_gflops;
-    the torch_* twins of the timing keys, ratio_vs_torch = step_ms / torch_step_ms, ratio_vs_torch_paired (median
-    of the per-round ratios); peak_mem_mb, torch_peak_mem_mb, mem_ratio_vs_torch, memory_error; threads,
+    the torch_* twins of the timing keys, ratio_vs_torch = step_ms / torch_step_ms, ratio_vs_torch_rounds (each
+    round's ours / torch), ratio_vs_torch_paired (their median); peak_mem_mb, torch_peak_mem_mb, mem_ratio_vs_torch, memory_error; threads,
     torch_threads, blas, blas_env. torch_* and ratios are None without torch (with_torch=False or not installed);
     memory keys are None with memory=False or when a memory process failed (its message is in memory_error).
     threads: BLAS and torch threads; None keeps NumPy's BLAS setting and gives torch the same number.
@@ -309,6 +310,7 @@ def format_table(results) -> str:
     env = " ".join(f"{k}={v}" for k, v in r0["blas_env"].items()) or "no OPENBLAS_* set"
     cols = [("name", "name", "<8", 8), ("batch", "batch", "d", 5), ("ms", "step_ms", ".1f", 9),
             ("torch ms", "torch_step_ms", ".1f", 9), ("ratio", "ratio_vs_torch", ".2f", 6),
+            ("paired", "ratio_vs_torch_paired", ".2f", 6), ("rounds", "rounds", "<9", 9),
             ("img/s", "images_per_s", ".1f", 8), ("GFLOP/s", "gflops", ".1f", 8), ("peak", "peak_fraction", ".1%", 6),
             ("torch", "torch_peak_fraction", ".1%", 6), ("MiB", "peak_mem_mb", ".1f", 7),
             ("torch MiB", "torch_peak_mem_mb", ".1f", 9), ("unit", "unit", "<16", 16)]
@@ -316,8 +318,11 @@ def format_table(results) -> str:
              f"{r0['threads']} threads, BLAS {r0['blas']}, {env}",
              " ".join(f"{title:{'<' if spec[0] == '<' else '>'}{w}}" for title, _, spec, w in cols)]
     for r in results:
+        rounds = r.get("ratio_vs_torch_rounds")
+        r = {**r, "rounds": f"{min(rounds):.2f}-{max(rounds):.2f}" if rounds else "-"}
         lines.append(" ".join(_fmt(r[key], spec, w) if spec[0] != "<" else format(r[key], spec)
                               for _, key, spec, w in cols))
-    lines.append("ms: median per unit; ratio: ours / torch; peak: achieved GFLOP/s / matmul peak; "
-                 "MiB: peak memory beyond the parameters")
+    lines.append("ms: median per unit; ratio: ours / torch; paired: median of the rounds' ratios, rounds: their range "
+                 "(a ratio inside another's range is within noise)")
+    lines.append("peak: achieved GFLOP/s / matmul peak; MiB: peak memory beyond the parameters")
     return "\n".join(lines)

@@ -91,12 +91,14 @@ def test_run_benchmarks_reports_documented_keys_with_sane_values_and_torch_colum
     assert 0 < row["peak_fraction"] < 1 and row["peak_gflops"] == max(row["peak_gflops_readings"]) > 0
     assert row["torch_step_ms"] > 0 and 0 < row["torch_peak_fraction"] < 1
     assert math.isclose(row["ratio_vs_torch"], row["step_ms"] / row["torch_step_ms"])
-    paired = sorted(a / b for a, b in zip(row["step_ms_runs"], row["torch_step_ms_runs"]))
+    rounds = [a / b for a, b in zip(row["step_ms_runs"], row["torch_step_ms_runs"])]
+    assert all(math.isclose(a, b) for a, b in zip(row["ratio_vs_torch_rounds"], rounds))
+    paired = sorted(rounds)
     assert math.isclose(row["ratio_vs_torch_paired"], (paired[0] + paired[1]) / 2)
     assert row["peak_mem_mb"] > 0 and row["torch_peak_mem_mb"] > 0
     assert row["threads"] == row["torch_threads"] >= 1
     table = format_table([row])
-    assert "tiny" in table and "matmul peak" in table
+    assert "tiny" in table and "matmul peak" in table and f"{paired[0]:.2f}-{paired[1]:.2f}" in table
 
 
 def test_run_benchmarks_without_torch_or_memory_leaves_those_columns_empty_for_sampling():
