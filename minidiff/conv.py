@@ -28,7 +28,7 @@ CHUNK_BYTES = 1 << 20
 
 def image_chunks(xp, n, bytes_per_image):
     """(start, stop) ranges of images, about CHUNK_BYTES of columns each; the whole batch on a GPU."""
-    if getattr(xp, "__name__", "") == "cupy":
+    if is_cupy_module(xp):
         return [(0, n)]
     return batch_parts(n, -(-n * bytes_per_image // CHUNK_BYTES))
 
@@ -64,7 +64,7 @@ def im2col(x, kh, kw, stride, ph, pw, name="im2col"):
         # GPU memory is plentiful and every zeroing is four launches: one buffer per geometry, zeroed once.
         padded = (n, H + 2 * ph, W + 2 * pw, C)
         tag = (padded, ph, pw)
-        pad_name = name + ".pad" + (str(tag) if is_cupy_module(get_array_module(x)) else "")
+        pad_name = (name + ".pad", tag) if is_cupy_module(get_array_module(x)) else name + ".pad"
         src, kept = scratch_kept(pad_name, padded, x, tag=tag)
         if not kept:
             src[:, :ph] = 0

@@ -98,9 +98,14 @@ def _group_means(per_channel_sums, R, count):
 CHUNK_BYTES = 2 << 20   # bytes of images per call of the NumPy path: see group_norm_nhwc_forward
 
 
-def _chunks(x):
-    """(start, stop) ranges of images of about CHUNK_BYTES each, or None for a small x (one range: all of it)."""
-    return None if x.nbytes <= CHUNK_BYTES else batch_parts(x.shape[0], -(-x.nbytes // CHUNK_BYTES))
+def _by_chunks(xp, x, part, *per_image):
+    """part(*per_image) on chunks of about CHUNK_BYTES of x's images (None entries stay None), its per-image results
+    joined in order; a small x (most calls) goes whole, with no slicing or joining (a few us of a ~0.2 ms call)."""
+    if x.nbytes <= CHUNK_BYTES:
+        return part(*per_image)
+    results = [part(*(None if a is None else a[lo:hi] for a in per_image))
+               for lo, hi in batch_parts(x.shape[0], -(-x.nbytes // CHUNK_BYTES))]
+    return tuple(xp.concatenate(r) for r in zip(*results))
 
 
 def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=True):
@@ -120,17 +125,12 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=
         return norm_gpu.group_norm_forward(xp, x, gamma, beta, groups, eps, silu, cache)
     out = xp.empty(x.shape, dtype=x.dtype)   # C-contiguous whatever x's layout: the parts write through reshapes
     dsilu = xp.empty(x.shape, dtype=x.dtype) if silu and cache else None   # 2 SiLU'(h), for the backward
-    chunks = _chunks(x)
-    if chunks is None:   # most calls: no slicing, no joining (a few us of a ~0.2 ms call)
-        mean, inv_std = _forward_part(xp, x, gamma, beta, groups, eps, out, dsilu, silu)
-    else:
-        stats = [_forward_part(xp, x[a:b], gamma, beta, groups, eps, out[a:b],
-                               None if dsilu is None else dsilu[a:b], silu) for a, b in chunks]
-        mean, inv_std = (xp.concatenate(s) for s in zip(*stats))
+    mean, inv_std = _by_chunks(xp, x, functools.partial(_forward_part, xp, gamma, beta, groups, eps, silu),
+                               x, out, dsilu)
     return out, ((x, mean, inv_std, gamma, groups, dsilu) if cache else None)
 
 
-def _forward_part(xp, x, gamma, beta, groups, eps, out, dsilu, silu):
+def _forward_part(xp, gamma, beta, groups, eps, silu, x, out, dsilu):
     """The forward on images x, into out and dsilu (None: no cache) -> their (n, G) mean and inv_std."""
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
@@ -181,17 +181,12 @@ def group_norm_nhwc_backward(dout, cache):
     if is_cupy_module(xp):
         return norm_gpu.group_norm_backward(xp, dout, cache)
     dx = xp.empty(dout.shape, dtype=dout.dtype)
-    chunks = _chunks(x)
-    if chunks is None:
-        sum_dxhat, sum_d = _backward_part(xp, dout, x, mean, inv_std, gamma, groups, dsilu, dx)
-    else:
-        sums = [_backward_part(xp, dout[a:b], x[a:b], mean[a:b], inv_std[a:b], gamma, groups,
-                               None if dsilu is None else dsilu[a:b], dx[a:b]) for a, b in chunks]
-        sum_dxhat, sum_d = (xp.concatenate(s) for s in zip(*sums))
+    sum_dxhat, sum_d = _by_chunks(xp, x, functools.partial(_backward_part, xp, gamma, groups),
+                                  dout, x, mean, inv_std, dsilu, dx)
     return dx, {"weight": sum_dxhat.sum(axis=0), "bias": sum_d.sum(axis=0)}   # image sums added as one, in order
 
 
-def _backward_part(xp, dout, x, mean, inv_std, gamma, groups, dsilu, dx):
+def _backward_part(xp, gamma, groups, dout, x, mean, inv_std, dsilu, dx):
     """The backward on images x, into dx -> the per-image (n, C) sums of dh * x_hat and dh."""
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)

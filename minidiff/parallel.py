@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
+from .backend import is_cupy_module
+
 _LOCAL = threading.local()   # .in_worker: set on pool threads, so nested calls run serially
 _POOL: dict = {}
 _HELD = {"workers": None}    # set while `_blas_held` keeps BLAS on one thread: the worker count it found
@@ -46,7 +48,7 @@ def _blas_controller():
 
 def cpu_workers(xp) -> int:
     """How many threads `map_parts` uses for arrays of module `xp`: BLAS's thread count on the CPU, else 1."""
-    if getattr(xp, "__name__", "") == "cupy" or getattr(_LOCAL, "in_worker", False):
+    if is_cupy_module(xp) or getattr(_LOCAL, "in_worker", False):
         return 1
     if _HELD["workers"] is not None:
         return _HELD["workers"]

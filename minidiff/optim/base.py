@@ -105,11 +105,9 @@ class Diagnostics:
 
 @dataclass
 class _Run:
-    """Parameters start:stop of a FlatArrays, updated as one array: theta = flat[start:stop]; members: (name, where
-    its g_t goes in the run's scratch g); state: buffer name -> the run's slice of that buffer. Made by Optimizer."""
+    """Consecutive parameters of a FlatArrays updated as one array: theta, its slice of the flat buffer; members,
+    (name, where that array's g_t goes in the run's scratch g); state, buffer name -> the run's slice of it."""
     key: tuple
-    start: int
-    stop: int
     theta: object
     members: list
     state: dict
@@ -214,14 +212,16 @@ class Optimizer:
         for a run or one array (diagnostics steps) at a time."""
         flat = {b: params.like(self._xp.zeros_like(params.flat)) for b in self.buffer_names()}
         self.state = {name: {b: flat[b][name] for b in flat} for name in params}
-        self._runs = [_Run(("run", k), start, stop, params.flat[start:stop], list(names),
-                           {b: flat[b].flat[start:stop] for b in flat})
-                      for k, (start, stop, names) in enumerate(flat_runs(params, self.RUN_SIZE))]
-        self._scratch = scratch_views({**params, **{run.key: run.theta for run in self._runs}}, 3)
-        for run in self._runs:   # where each array's g_t goes in its run's g
-            g = self._scratch[run.key][0]
-            spans = [(name, *params.spans[name]) for name in run.members]
-            run.members = [(name, g[a - run.start:b - run.start].reshape(params[name].shape)) for name, a, b in spans]
+        spans = flat_runs(params, self.RUN_SIZE)
+        thetas = {("run", k): params.flat[start:stop] for k, (start, stop, _) in enumerate(spans)}
+        self._scratch = scratch_views({**params, **thetas}, 3)
+        self._runs = []
+        for (key, theta), (start, stop, names) in zip(thetas.items(), spans):
+            g, members = self._scratch[key][0], []
+            for name in names:   # where each array's g_t goes in the run's g
+                a, b = params.spans[name]
+                members.append((name, g[a - start:b - start].reshape(params[name].shape)))
+            self._runs.append(_Run(key, theta, members, {b: flat[b].flat[start:stop] for b in flat}))
 
     def _step_runs(self, grads, coef) -> None:
         for run in self._runs:

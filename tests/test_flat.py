@@ -1,0 +1,124 @@
+"""Parameters laid end to end (minidiff.flat): FlatArrays and its runs, and the optimizers that step a run of arrays
+at a time, with the same bits as one array at a time."""
+
+import numpy as np
+import pytest
+
+from minidiff.backend import get_backend, to_numpy
+from minidiff.flat import FlatArrays, runs as flat_runs, total_size
+from minidiff.optim import Adam, build_optimizer
+from test_optim import CONFIGS, _on
+
+RUN_SHAPES = {"a": (7, 3), "b": (4,), "c": (3, 2, 2), "d": (40,), "e": (5,)}   # RUN_SIZE 16: a | b c | d | e
+
+
+def _flat_or_not(be, flat, start):
+    shapes = {k: v.shape for k, v in start.items()}
+    if flat:
+        params = FlatArrays(shapes, be.xp.zeros(total_size(shapes), dtype=np.float32))
+    else:
+        params = {k: be.xp.zeros(s, dtype=np.float32) for k, s in shapes.items()}
+    for k, v in start.items():
+        params[k][...] = be.asarray(v)
+    return params
+
+
+@pytest.mark.parametrize("device", ["cpu", "strict"])
+@pytest.mark.parametrize("config", CONFIGS, ids=list(CONFIGS))
+def test_parameters_end_to_end_are_stepped_a_run_at_a_time_with_the_same_bits(config, device, monkeypatch):
+    """Arrays laid end to end are updated a run at a time: the same elementwise operations on the same elements,
+    so parameters and state must equal the one-array-at-a-time step bit for bit, through an lr change and a
+    diagnostics step (which goes one array at a time)."""
+    from minidiff.optim.base import Optimizer
+    monkeypatch.setattr(Optimizer, "RUN_SIZE", 16)
+    calls = []
+    step_runs = Optimizer._step_runs
+    monkeypatch.setattr(Optimizer, "_step_runs", lambda self, *a: (calls.append(1), step_runs(self, *a)))
+    name, hyper = CONFIGS[config]
+    be = get_backend(device)
+    rng = np.random.default_rng(6)
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in RUN_SHAPES.items()}
+    grads = [{k: rng.standard_normal(s) for k, s in RUN_SHAPES.items()} for _ in range(6)]
+    results = []
+    for flat in (False, True):
+        params = _flat_or_not(be, flat, start)
+        opt = build_optimizer(name, params, **hyper)
+        assert [len(run.members) for run in opt._runs] == ([1, 2, 1, 1] if flat else [])
+        for step, g in enumerate(grads):
+            if step == 2:
+                opt.lr = opt.lr * 0.5
+            opt.step(_on(be, g, np.float32), diagnostics=step == 3)
+        results.append(({k: to_numpy(v) for k, v in params.items()}, opt.state_dict()["buffers"]))
+    assert len(calls) == 5
+    (want, want_bufs), (got, got_bufs) = results
+    for k in RUN_SHAPES:
+        assert np.array_equal(got[k], want[k]), k
+        for b in want_bufs[k]:
+            assert np.array_equal(got_bufs[k][b], want_bufs[k][b]), (k, b)
+
+
+def test_a_parameter_array_replaced_in_the_dict_is_stepped_where_it_now_is():
+    rng = np.random.default_rng(7)
+    params = _flat_or_not(get_backend("cpu"), True, {k: rng.standard_normal(s) for k, s in RUN_SHAPES.items()})
+    opt = build_optimizer("sgd", params, lr=0.5)
+    params["b"] = np.ones(4, dtype=np.float32)   # no longer part of the flat buffer
+    before = {k: v.copy() for k, v in params.items()}
+    grads = {k: np.full(s, 2.0, dtype=np.float32) for k, s in RUN_SHAPES.items()}
+    opt.step(grads)
+    for k in RUN_SHAPES:
+        np.testing.assert_array_equal(params[k], before[k] - 1.0)
+
+
+def test_runs_cover_every_array_once_in_order_each_just_long_enough():
+    shapes = {f"p{i}": (n,) for i, n in enumerate([5, 30, 1, 1, 12, 3, 3, 3, 3, 40, 2])}
+    arrays = FlatArrays(shapes, np.zeros(total_size(shapes)))
+    runs = flat_runs(arrays, 10)
+    assert [names for _, _, names in runs] == [("p0", "p1"), ("p2", "p3", "p4"), ("p5", "p6", "p7", "p8"),
+                                               ("p9",), ("p10",)]
+    assert [(a, b) for a, b, _ in runs] == [(0, 35), (35, 49), (49, 61), (61, 101), (101, 103)]
+    with pytest.raises(ValueError, match="flat buffer has shape"):
+        FlatArrays(shapes, np.zeros(total_size(shapes) + 1))
+
+
+@pytest.mark.parametrize("device", ["cpu", "strict"])
+def test_a_models_parameters_are_laid_end_to_end_and_its_optimizer_uses_runs(device):
+    from minidiff.unet import UNet
+    model = UNet(base_channels=8, device=device)
+    assert isinstance(model.params, FlatArrays) and model.params.intact()
+    opt = build_optimizer("adam", model.params)
+    assert sum(len(run.members) for run in opt._runs) == len(model.params) > len(opt._runs)
+
+
+def test_a_copy_of_parameters_laid_end_to_end_is_laid_over_its_own_buffer():
+    """copy.deepcopy / pickle of a FlatArrays (a model copied for an EMA, say): the copy's arrays are views of the
+    copy's buffer, so an optimizer on the copy updates the copy, and the original is untouched."""
+    import copy
+    import pickle
+    start = {k: np.random.default_rng(9).standard_normal(s).astype(np.float32) for k, s in RUN_SHAPES.items()}
+    original = _flat_or_not(get_backend("cpu"), True, start)
+    for clone in (copy.deepcopy(original), pickle.loads(pickle.dumps(original))):
+        assert isinstance(clone, FlatArrays) and clone.intact()
+        build_optimizer("sgd", clone, lr=1.0).step({k: np.ones(s, dtype=np.float32) for k, s in RUN_SHAPES.items()})
+        for k in RUN_SHAPES:
+            np.testing.assert_array_equal(clone[k], start[k] - 1.0)
+            np.testing.assert_array_equal(original[k], start[k])
+    original["b"] = np.zeros(4, dtype=np.float32)   # layout broken: a copy is a plain dict
+    assert type(copy.deepcopy(original)) is dict
+
+
+def test_a_subclass_with_its_own_update_rule_is_stepped_array_by_array():
+    """Runs are for rules declared elementwise; a subclass's own _update (a per-tensor trust ratio, say) is not."""
+    class PerTensor(Adam):
+        def _update(self, *args):
+            super()._update(*args)
+
+    class Declared(PerTensor):
+        elementwise_update = True
+
+        def _update(self, *args):
+            super()._update(*args)
+
+    params = _flat_or_not(get_backend("cpu"), True, {k: np.ones(s) for k, s in RUN_SHAPES.items()})
+    assert build_optimizer("adamw", params)._runs and build_optimizer("nadam", params)._runs
+    assert not PerTensor(params)._runs
+    assert Declared(params)._runs
