@@ -76,7 +76,24 @@ def breakdown(name, repeats=20):
         enqueue_only()
         be.synchronize()
     row["enqueue"] = statistics.median(state["enqueue"])
+    row["step_late"] = _median_ms(step, be.synchronize, repeats)   # the step again: is the first reading transient?
+    row["device"] = _device_ms(be.xp, step, repeats)
     return row
+
+
+def _device_ms(xp, fn, repeats):
+    """Median GPU time of fn (CUDA events around it, no host wait inside): above the enqueue time, the device's own
+    work sets the step's time; below it, the host's launches do."""
+    times = []
+    for _ in range(repeats):
+        start, stop = xp.cuda.Event(), xp.cuda.Event()
+        xp.cuda.Device().synchronize()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(xp.cuda.get_elapsed_time(start, stop))
+    return statistics.median(times)
 
 
 def call_overheads(repeats=200):
@@ -106,7 +123,7 @@ def main(argv=None):
     ap.add_argument("--config", action="append", choices=[c for c in CONFIGS if not CONFIGS[c].sample_steps])
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args(argv)
-    keys = ("step", "forward", "backward", "adam_fused", "adam_generic", "enqueue")
+    keys = ("step", "forward", "backward", "adam_fused", "adam_generic", "enqueue", "step_late", "device")
     print("config     " + "".join(f"{k:>14}" for k in keys) + "   (ms, medians)")
     for name in args.config or ["digits", "32x32"]:
         row = breakdown(name, args.repeats)

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from .backend import get_array_module
+from .flat import FlatArrays
+
+
+def _arrays(arrays) -> list:
+    """The arrays to work on: a FlatArrays' one flat buffer (one call instead of one per array), else each array."""
+    if isinstance(arrays, FlatArrays) and arrays.intact():
+        return [arrays.flat]
+    return list(arrays.values() if isinstance(arrays, dict) else arrays)
 
 
 def global_norm(arrays) -> object:
-    """||(a_1, ..., a_k)||_2 = sqrt(sum_i ||a_i||^2) over an iterable of arrays, as a 0-d backend array."""
-    arrays = list(arrays)
+    """||(a_1, ..., a_k)||_2 = sqrt(sum_i ||a_i||^2) over a dict or an iterable of arrays, as a 0-d backend array.
+    A FlatArrays (a model's gradients) is summed over its flat buffer in one product."""
+    arrays = _arrays(arrays)
     xp = get_array_module(*arrays)
     total = None
     for a in arrays:
@@ -26,7 +35,7 @@ def clip_grad_norm(grads: dict, max_norm: float):
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-    arrays = list(grads.values())
+    arrays = _arrays(grads)
     xp = get_array_module(*arrays)
     total_norm = global_norm(arrays)
     factor = xp.minimum(max_norm / (total_norm + 1e-6), 1.0)

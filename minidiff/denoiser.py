@@ -4,7 +4,8 @@ The model interface (UNet, MLPDenoiser):
   model.params            dict name -> backend array, PyTorch names and layouts, insertion-ordered
   model.forward(x, t)     x a backend array, t a host NumPy int array (N,); returns an array shaped like x and keeps
                           the caches for backward; forward(x, t, cache=False) keeps nothing (sampling, evaluation)
-  model.backward(dout)    gradients after a forward: same keys, shapes and dtype as params
+  model.backward(dout)    gradients after a forward: same keys, shapes and dtype as params (laid end to end in a
+                          new buffer, minidiff.flat.FlatArrays, where the parameters are)
   model.config            JSON-serialisable constructor kwargs (without device): build_model(name, **config)
   model.backend, model.dtype, model.load_params(arrays)
 
@@ -19,7 +20,7 @@ import math
 import numpy as np
 
 from .backend import Backend, get_backend, resolve_dtype
-from .flat import FlatArrays, total_size
+from .flat import FlatArrays, gather, total_size
 from .layers import init_param
 from .parallel import batch_parts, cpu_workers, map_parts
 from . import procs
@@ -132,10 +133,14 @@ class Denoiser:
                 raise RuntimeError("the worker processes of this forward are gone: run the forward again")
             grads = workers.run_parts(lambda: part(0), "backward", backward_images.__name__,
                                       [dout[a:b] for a, b in parts[1:]])[:1] + workers.grads[:len(parts) - 1]
-        for other in grads[1:]:
-            for name, g in other.items():
-                grads[0][name] += g
-        return self._finish_backward(grads[0])
+        total = self._finish_backward(grads[0])
+        for other in grads[1:]:   # the parts' sums, element by element in part order, as array by array
+            if total.same_layout(other):
+                total.flat += other.flat
+            else:
+                for name, g in other.items():
+                    total[name] += g
+        return total
 
     def _batch_parts(self, shape):
         """The (start, stop) parts a batch of `shape` runs in: one per core, where each gets enough work."""
@@ -179,10 +184,13 @@ class Denoiser:
         return workers
 
     def _finish_backward(self, grads):
-        """Check the tape was consumed and return the gradients in parameter order."""
+        """Check the tape was consumed and return the gradients in parameter order, laid end to end in a new buffer
+        like the parameters (minidiff.flat.gather): a norm, a clip or an optimizer step then reads one array."""
         if self._tape:
             raise RuntimeError(f"backward left {len(self._tape)} caches unused: the tape is out of step")
         self._tape = None
+        if isinstance(self.params, FlatArrays):
+            return gather(self.params, grads, self.backend.xp)
         return {name: grads[name] for name in self.params}
 
     def _tape_for_backward(self):

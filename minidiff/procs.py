@@ -98,8 +98,7 @@ def _serve(conn, model, grads):
                     if tape:
                         raise RuntimeError(f"backward left {len(tape)} caches unused: the tape is out of step")
                     tape = None
-                    for name, g in part_grads.items():
-                        grads[name][...] = g
+                    numpy.concatenate([part_grads[name].reshape(-1) for name in grads], out=grads.flat)
                     reply = ("ok", None)
         except Exception as exc:   # noqa: BLE001 -- the part's own error, raised again in the caller
             reply = ("error", exc)

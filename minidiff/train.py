@@ -126,7 +126,7 @@ class Trainer:
                             weighting=c.weighting, min_snr_gamma=c.min_snr_gamma,
                             timestep_sampler=self.timestep_sampler)
         grads = self.model.backward(out.dout)
-        grad_norm = clip_grad_norm(grads, c.grad_clip) if c.grad_clip else global_norm(grads.values())
+        grad_norm = clip_grad_norm(grads, c.grad_clip) if c.grad_clip else global_norm(grads)
         pending = self.instruments.before_step(self.step + 1, grads)
         diag = self.optimizer.step(grads, diagnostics=diagnostics)
         self.ema.update(self.model.params)
@@ -198,7 +198,7 @@ class Trainer:
                      "steps": int(acc["steps"]), "time": float(acc["time"])}
 
     def params_finite(self) -> bool:
-        return bool(np.isfinite(to_float(global_norm(self.model.params.values()))))
+        return bool(np.isfinite(to_float(global_norm(self.model.params))))
 
     # --- sampling --------------------------------------------------------------------------------------------------
     def sample(self, n: int, num_steps: int = 25, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,

@@ -1,5 +1,5 @@
-"""Parameters laid end to end (minidiff.flat): FlatArrays and its runs, and the optimizers that step a run of arrays
-at a time, with the same bits as one array at a time."""
+"""Parameters laid end to end (minidiff.flat): FlatArrays and its runs, the optimizers that step a run of arrays
+at a time, with the same bits as one array at a time, and a model's gradients laid out like its parameters."""
 
 import numpy as np
 import pytest
@@ -31,30 +31,38 @@ def test_parameters_end_to_end_are_stepped_a_run_at_a_time_with_the_same_bits(co
     diagnostics step (which goes one array at a time)."""
     from minidiff.optim.base import Optimizer
     monkeypatch.setattr(Optimizer, "RUN_SIZE", 16)
-    calls = []
-    step_runs = Optimizer._step_runs
+    calls, copies = [], []
+    step_runs, effective_grad = Optimizer._step_runs, Optimizer._effective_grad
     monkeypatch.setattr(Optimizer, "_step_runs", lambda self, *a: (calls.append(1), step_runs(self, *a)))
+    monkeypatch.setattr(Optimizer, "_effective_grad", lambda self, *a: (copies.append(1), effective_grad(self, *a)))
     name, hyper = CONFIGS[config]
     be = get_backend(device)
     rng = np.random.default_rng(6)
     start = {k: rng.standard_normal(s).astype(np.float32) for k, s in RUN_SHAPES.items()}
     grads = [{k: rng.standard_normal(s) for k, s in RUN_SHAPES.items()} for _ in range(6)]
     results = []
-    for flat in (False, True):
+    # parameters as separate arrays; laid end to end with separate gradients; both laid end to end (a model's)
+    for flat, flat_grads in ((False, False), (True, False), (True, True)):
         params = _flat_or_not(be, flat, start)
         opt = build_optimizer(name, params, **hyper)
         assert [len(run.members) for run in opt._runs] == ([1, 2, 1, 1] if flat else [])
+        calls.clear()
         for step, g in enumerate(grads):
             if step == 2:
                 opt.lr = opt.lr * 0.5
-            opt.step(_on(be, g, np.float32), diagnostics=step == 3)
+            copies.clear()
+            opt.step(_flat_or_not(be, True, _on(be, g, np.float32)) if flat_grads else _on(be, g, np.float32),
+                     diagnostics=step == 3)
+            # g_t of a run comes from one slice of gradients laid out like the parameters, else array by array
+            assert len(copies) == (4 if flat_grads and step != 3 else 5)
+        assert len(calls) == (5 if flat else 0)
         results.append(({k: to_numpy(v) for k, v in params.items()}, opt.state_dict()["buffers"]))
-    assert len(calls) == 5
-    (want, want_bufs), (got, got_bufs) = results
-    for k in RUN_SHAPES:
-        assert np.array_equal(got[k], want[k]), k
-        for b in want_bufs[k]:
-            assert np.array_equal(got_bufs[k][b], want_bufs[k][b]), (k, b)
+    want, want_bufs = results[0]
+    for got, got_bufs in results[1:]:
+        for k in RUN_SHAPES:
+            assert np.array_equal(got[k], want[k]), k
+            for b in want_bufs[k]:
+                assert np.array_equal(got_bufs[k][b], want_bufs[k][b]), (k, b)
 
 
 def test_a_parameter_array_replaced_in_the_dict_is_stepped_where_it_now_is():
@@ -122,3 +130,26 @@ def test_a_subclass_with_its_own_update_rule_is_stepped_array_by_array():
     assert build_optimizer("adamw", params)._runs and build_optimizer("nadam", params)._runs
     assert not PerTensor(params)._runs
     assert Declared(params)._runs
+
+
+@pytest.mark.parametrize("model_name", ["unet", "mlp"])
+def test_a_models_gradients_come_laid_out_like_its_parameters_in_a_new_buffer_each_backward(model_name):
+    """backward returns the gradients end to end (minidiff.flat.gather), in a buffer of their own: a later backward
+    must not overwrite gradients the caller still holds, and they must not be the parameters' buffer."""
+    from minidiff.models import build_model
+    kwargs = {"unet": dict(base_channels=8), "mlp": dict(data_dim=2)}[model_name]
+    model = build_model(model_name, **kwargs)
+    rng = np.random.default_rng(3)
+    shape = (4, 1, 8, 8) if model_name == "unet" else (4, 2)
+    x, t = rng.standard_normal(shape).astype(np.float32), np.array([1, 50, 300, 999])
+    grads = []
+    for k in range(2):
+        model.forward(x * (k + 1), t)
+        grads.append(model.backward(np.ones(shape, dtype=np.float32)))
+    first = {name: g.copy() for name, g in grads[0].items()}
+    for g in grads:
+        assert model.params.same_layout(g) and g.flat is not model.params.flat
+    assert grads[0].flat is not grads[1].flat
+    assert not np.array_equal(grads[0].flat, grads[1].flat)
+    for name, g in grads[0].items():
+        np.testing.assert_array_equal(g, first[name])

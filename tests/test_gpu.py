@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minidiff.backend import BackendError, get_backend, to_numpy
-from minidiff.flat import FlatArrays, total_size
+from minidiff.flat import FlatArrays, gather, total_size
 from minidiff.optim import build_optimizer, fused
 from minidiff.samplers import ddim_sample
 from minidiff.schedules import make_schedule
@@ -84,8 +84,9 @@ OPTIMIZERS = [
 ]
 
 
-def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None, flat=False):
-    """flat: the parameters laid end to end, as a model's are (minidiff.flat): the generic step then goes by runs."""
+def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None, flat=False, flat_grads=False):
+    """flat: the parameters laid end to end, as a model's are (minidiff.flat): the generic step then goes by runs;
+    flat_grads: the gradients too, as a model's backward returns them (the fused step then launches once per run)."""
     rng = np.random.default_rng(1)
     shapes = {"w": (16, 8, 3, 3), "b": (16,), "s": ()}
     host = {k: rng.standard_normal(s) for k, s in shapes.items()}
@@ -101,6 +102,8 @@ def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None, flat=F
         if step == 3:
             opt.lr = opt.lr * 0.7   # a schedule changes the rate mid-run
         grads = {k: backend.asarray(rng.standard_normal(s), dtype=grad_dtype or dtype) for k, s in shapes.items()}
+        if flat_grads:
+            grads = gather(params, grads, backend.xp)
         opt.step(grads, diagnostics=step % 3 == 2)   # training's log steps ask for diagnostics: the generic path
     return {k: to_numpy(p) for k, p in params.items()}, opt.state_dict()["buffers"]
 
@@ -108,21 +111,28 @@ def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None, flat=F
 @pytest.mark.parametrize("name,hyper", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_optimizer_steps_on_the_gpu_match_numpy_fused_or_not(name, hyper, dtype, monkeypatch):
-    calls = []
+    calls, launches = [], []
     for fn in ("adam", "sgd"):
         real = getattr(fused, fn)
         monkeypatch.setattr(fused, fn, lambda *a, _real=real: calls.append(1) or _real(*a))
+    kernel = fused._kernel
+    monkeypatch.setattr(fused, "_kernel", lambda *a: lambda *args: launches.append(1) or kernel(*a)(*args))
     cpu_params, cpu_bufs = _run_optimizer(CPU, name, hyper, dtype)
-    for enabled, flat in ((True, False), (False, False), (True, True), (False, True)):
-        monkeypatch.setattr(fused, "ENABLED", enabled)
-        calls.clear()
-        gpu_params, gpu_bufs = _run_optimizer(GPU, name, hyper, dtype, flat=flat)
-        has_kernel = name in ("sgd", "nesterov", "adamw") or (name == "adam" and not hyper.get("amsgrad"))
-        assert bool(calls) == (enabled and has_kernel)
-        for k, p in cpu_params.items():
-            assert _rel(gpu_params[k], p) < RTOL[dtype] / 10, (enabled, flat, k)  # six steps, no deep network
-            for b, arr in cpu_bufs[k].items():
-                assert _rel(gpu_bufs[k][b], arr) < RTOL[dtype] / 10, (enabled, flat, k, b)
+    for enabled in (True, False):
+        for flat, flat_grads in ((False, False), (True, False), (True, True)):
+            monkeypatch.setattr(fused, "ENABLED", enabled)
+            calls.clear()
+            launches.clear()
+            gpu_params, gpu_bufs = _run_optimizer(GPU, name, hyper, dtype, flat=flat, flat_grads=flat_grads)
+            has_kernel = name in ("sgd", "nesterov", "adamw") or (name == "adam" and not hyper.get("amsgrad"))
+            assert bool(calls) == (enabled and has_kernel)
+            # 4 fused steps (2 ask for diagnostics): one launch each over the run, else one per array (3)
+            assert len(launches) == (4 * (1 if flat_grads else 3) if calls else 0)
+            case = (enabled, flat, flat_grads)
+            for k, p in cpu_params.items():
+                assert _rel(gpu_params[k], p) < RTOL[dtype] / 10, (case, k)  # six steps, no deep network
+                for b, arr in cpu_bufs[k].items():
+                    assert _rel(gpu_bufs[k][b], arr) < RTOL[dtype] / 10, (case, k, b)
 
 
 def test_fused_step_casts_gradients_of_another_dtype_like_the_generic_path():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from minidiff.clip import clip_grad_norm
+from minidiff.flat import FlatArrays
 from minidiff.optim import SGD, Adam, AdamW, NAdam
 
 SHAPES = {"conv.w": (4, 3, 3, 3), "conv.b": (4,), "dense.w": (5, 7), "gain": ()}
@@ -86,11 +87,18 @@ def test_matches_torch_optim_every_step(torch64, case, change_lr):
     print(f"{case[0]} lr_change={change_lr}: worst relative error over {STEPS} steps {worst:.2e}")
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["arrays", "end-to-end"])
 @pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clipped", "not-clipped"])
-def test_clip_grad_norm_matches_torch(torch, max_norm, cpu_backend):
+def test_clip_grad_norm_matches_torch(torch, max_norm, flat, cpu_backend):
+    """Gradients as separate arrays, or laid end to end as a model's backward returns them (then one norm and one
+    scaling over the flat buffer, which every array must see)."""
     rng = np.random.default_rng(2)
     host = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
-    grads = {k: cpu_backend.asarray(v, dtype=np.float64) for k, v in host.items()}
+    if flat:
+        grads = FlatArrays(SHAPES, cpu_backend.asarray(np.concatenate([v.ravel() for v in host.values()]),
+                                                          dtype=np.float64))
+    else:
+        grads = {k: cpu_backend.asarray(v, dtype=np.float64) for k, v in host.items()}
     tparams = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in SHAPES.values()]
     for p, v in zip(tparams, host.values()):
         p.grad = torch.tensor(v)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import backend_of, get_array_module, to_numpy
+from ..backend import backend_of, get_array_module, is_cupy_module, to_numpy
 from ..flat import FlatArrays, runs as flat_runs
 from . import fused
 
@@ -105,10 +105,12 @@ class Diagnostics:
 
 @dataclass
 class _Run:
-    """Consecutive parameters of a FlatArrays updated as one array: theta, its slice of the flat buffer; members,
-    (name, where that array's g_t goes in the run's scratch g); state, buffer name -> the run's slice of it."""
+    """Consecutive parameters of a FlatArrays updated as one array: theta, its slice of the flat buffer; span, that
+    slice's (start, stop) (where its gradient is in gradients laid out alike); members, (name, where that array's g_t
+    goes in the run's scratch g) for gradients that are not; state, buffer name -> the run's slice of it."""
     key: tuple
     theta: object
+    span: tuple
     members: list
     state: dict
 
@@ -173,9 +175,9 @@ class Optimizer:
         self.step_count += 1
         coef = self._coefficients()
         if not diagnostics and self._fused_update is not None and fused.available(self._xp):
-            self._fused_update(self, grads, coef)   # one kernel launch per parameter (minidiff.optim.fused)
+            self._fused_update(self, grads, coef)   # one kernel launch per run or parameter (minidiff.optim.fused)
             return None
-        if not diagnostics and self._runs and self.params.intact():
+        if not diagnostics and self.runs_apply():
             self._step_runs(grads, coef)
             return None
         diag = Diagnostics(self._xp, per_param) if diagnostics else None
@@ -198,8 +200,21 @@ class Optimizer:
     # tenth of the calls. Runs of RUN_SIZE elements keep the step's working set (θ, g, u, tmp and the state, a
     # run each) in the L2 cache. Diagnostics steps go one array at a time (their sums and per-parameter norms are
     # per array). Nothing else changes: `state` still holds an array per parameter (views of the runs' state).
+    # On a GPU a run is a launch, not a cache's worth: RUN_SIZE_GPU elements (all of a small model's parameters).
     RUN_SIZE = 1 << 15
+    RUN_SIZE_GPU = 1 << 22
     elementwise_update = False   # set True by a class whose _update is elementwise (Adam, SGD, NAdam)
+
+    def runs_apply(self) -> bool:
+        """Whether this step can go run by run: the parameters were laid out in runs and still are."""
+        return bool(self._runs) and self.params.intact()
+
+    def run_grads(self, grads) -> list:
+        """Each run's gradient: a slice of grads.flat where the gradients are laid out like the parameters (a
+        model's backward), else None per run (the step then copies them in array by array)."""
+        if self.params.same_layout(grads):
+            return [grads.flat[run.span[0]:run.span[1]] for run in self._runs]
+        return [None] * len(self._runs)
 
     def _update_is_elementwise(self) -> bool:
         """Whether the class that defines this optimizer's `_update` declared it elementwise: a subclass with its own
@@ -212,7 +227,7 @@ class Optimizer:
         for a run or one array (diagnostics steps) at a time."""
         flat = {b: params.like(self._xp.zeros_like(params.flat)) for b in self.buffer_names()}
         self.state = {name: {b: flat[b][name] for b in flat} for name in params}
-        spans = flat_runs(params, self.RUN_SIZE)
+        spans = flat_runs(params, self.RUN_SIZE_GPU if is_cupy_module(self._xp) else self.RUN_SIZE)
         thetas = {("run", k): params.flat[start:stop] for k, (start, stop, _) in enumerate(spans)}
         self._scratch = scratch_views({**params, **thetas}, 3)
         self._runs = []
@@ -221,13 +236,16 @@ class Optimizer:
             for name in names:   # where each array's g_t goes in the run's g
                 a, b = params.spans[name]
                 members.append((name, g[a - start:b - start].reshape(params[name].shape)))
-            self._runs.append(_Run(key, theta, members, {b: flat[b].flat[start:stop] for b in flat}))
+            self._runs.append(_Run(key, theta, (start, stop), members, {b: flat[b].flat[start:stop] for b in flat}))
 
     def _step_runs(self, grads, coef) -> None:
-        for run in self._runs:
+        for run, grad in zip(self._runs, self.run_grads(grads)):
             g, tmp, u = self._scratch[run.key]
-            for name, g_part in run.members:   # g_t of each array, into its place in the run
-                self._effective_grad(self.params[name], grads[name], g_part)
+            if grad is not None:
+                self._effective_grad(run.theta, grad, g)
+            else:
+                for name, g_part in run.members:   # g_t of each array, into its place in the run
+                    self._effective_grad(self.params[name], grads[name], g_part)
             self._update(run.state, run.theta, g, tmp, u, coef, None)
             run.theta += u
 

@@ -1,9 +1,11 @@
-"""One-launch optimizer updates for CuPy: each parameter's whole step as a single elementwise kernel.
+"""One-launch optimizer updates for CuPy: each parameter's (or run of parameters') whole step as a single kernel.
 
 Why: on a GPU every `out=` operation of the generic step (`Optimizer.step` -> `_update`) is its own kernel launch,
 about ten per parameter for Adam, and with ~100 parameter arrays of a few thousand elements each it is the launches,
-not the arithmetic, that set the step's time. These kernels compute the same equations as the classes' `_update`
-(see their docstrings), term by term in the same order, and write θ_t, the state buffers in place.
+not the arithmetic, that set the step's time. Parameters laid end to end with gradients laid out alike (a model's
+own, minidiff.flat) take one launch per run of up to Optimizer.RUN_SIZE_GPU elements: one for the digits model.
+These kernels compute the same equations as the classes' `_update` (see their docstrings), term by term in the same
+order, and write θ_t, the state buffers in place.
 
 They agree with the generic path to float32 rounding, not bit for bit: nvcc contracts a * b + c into one fused
 multiply-add, which rounds once where NumPy rounds twice. `tests/test_gpu.py` compares them with NumPy.
@@ -70,17 +72,21 @@ def _kernel(xp, name: str):
 
 
 def _launch_all(opt, grads, name, scalars, buffer_names) -> None:
-    """kernel(grad, *scalars(dtype type), theta, *buffers) for every parameter: the step's scalars are made once per
-    dtype, in that dtype, as NumPy rounds a Python float against an array of it."""
+    """kernel(grad, *scalars(dtype type), theta, *buffers) for every run of parameters laid end to end whose
+    gradients are laid out alike (Optimizer.run_grads: one launch for a small model), else for every parameter. The
+    step's scalars are made once per dtype, in that dtype, as NumPy rounds a Python float against an array of it."""
     kernel, made = _kernel(opt._xp, name), {}
-    for pname, theta in opt.params.items():
+    if opt.runs_apply() and opt.params.same_layout(grads):
+        work = [(run.theta, grad, run.state) for run, grad in zip(opt._runs, opt.run_grads(grads))]
+    else:
+        work = [(theta, grads[pname], opt.state[pname]) for pname, theta in opt.params.items()]
+    for theta, grad, state in work:
         dt = theta.dtype
         if dt not in made:
             made[dt] = scalars(dt.type)
-        grad = grads[pname]
         if grad.dtype != dt:   # the generic path casts too, into its scratch of the parameter's dtype
             grad = grad.astype(dt)
-        kernel(grad, *made[dt], theta, *(opt.state[pname][b] for b in buffer_names))
+        kernel(grad, *made[dt], theta, *(state[b] for b in buffer_names))
 
 
 def _grad_scalars(opt, t) -> tuple:
@@ -89,7 +95,7 @@ def _grad_scalars(opt, t) -> tuple:
 
 
 def adam(opt, grads: dict, coef: dict) -> None:
-    """θ, m, v <- one Adam/AdamW step (`Adam._update` plus θ += u) of every parameter, one launch each."""
+    """θ, m, v <- one Adam/AdamW step (`Adam._update` plus θ += u) of every parameter, a launch per run or array."""
     decoupled = 0.0 if opt.coupled_weight_decay else -opt.lr * opt.weight_decay
     _launch_all(opt, grads, "adam", lambda t: (*_grad_scalars(opt, t), t(1.0 - opt.beta1), t(opt.beta2),
                                                t(1.0 - opt.beta2), t(coef["sqrt_c2"]), t(opt.eps),
@@ -98,7 +104,8 @@ def adam(opt, grads: dict, coef: dict) -> None:
 
 
 def sgd(opt, grads: dict, coef: dict) -> None:
-    """θ (and the momentum buffer) <- one SGD step (`SGD._update` plus θ += u) of every parameter, one launch each."""
+    """θ (and the momentum buffer) <- one SGD step (`SGD._update` plus θ += u) of every parameter, a launch per run
+    or array."""
     if opt.momentum == 0.0:
         _launch_all(opt, grads, "sgd", lambda t: (*_grad_scalars(opt, t), t(-opt.lr)), ())
         return

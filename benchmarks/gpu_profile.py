@@ -1,0 +1,85 @@
+"""Where the host's time goes in a real GPU training step: `Trainer.train_step` of the default configuration (or
+--device cpu, for a comparison), under cProfile. A launch-bound step spends its time issuing CuPy calls, so the
+functions with the most host time are the ones to fuse or batch.
+
+    python benchmarks/gpu_profile.py [--device gpu] [--steps 30] [--top 30] [--kernels]
+
+Prints the step's median time (device synchronised), then the minidiff functions by own time and by cumulative time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+from minidiff.config import TrainConfig
+from minidiff.train import Trainer
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="gpu")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--kernels", action="store_true", help="also list the GPU kernels by device time (needs torch)")
+    args = ap.parse_args(argv)
+    trainer = Trainer(TrainConfig(device=args.device))
+    sync = trainer.backend.synchronize
+    for _ in range(5):
+        trainer.train_step()
+    times = []
+    for _ in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        trainer.train_step()
+        sync()
+        times.append(1e3 * (time.perf_counter() - t0))
+    print(f"Trainer.train_step, default config, {args.device}: median {statistics.median(times):.2f} ms, "
+          f"best {min(times):.2f} ms over {args.steps} steps", flush=True)
+    prof = cProfile.Profile()
+    sync()
+    prof.enable()
+    for _ in range(args.steps):
+        trainer.train_step()
+    sync()
+    prof.disable()
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(args.top)
+        print(f"--- by {key} (times over {args.steps} steps) ---")
+        lines = buf.getvalue().splitlines()
+        start = next(i for i, line in enumerate(lines) if "ncalls" in line)
+        print("\n".join(line for line in lines[start:] if line.strip()), flush=True)
+    if args.kernels and trainer.backend.name == "cupy":
+        _kernel_table(trainer, args.top)
+    trainer.model.stop_workers()
+
+
+def _kernel_table(trainer, top, steps=5):
+    """The GPU kernels of `steps` training steps (CuPy's and cuBLAS's alike: torch.profiler reads every kernel of
+    the process through CUPTI), by total device time."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        print("--kernels needs torch (its profiler reads the device's kernel times)")
+        return
+    trainer.backend.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        trainer.backend.synchronize()
+    print(f"--- GPU kernels over {steps} steps, by device time ---")
+    for key in ("device_time_total", "cuda_time_total"):   # the name changed across torch versions
+        try:
+            print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+            return
+        except (AttributeError, KeyError, ValueError):
+            continue
+
+
+if __name__ == "__main__":
+    main()
