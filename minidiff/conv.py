@@ -9,13 +9,14 @@ Why chunks: the column matrix is kh*kw times the size of the input. Built for a 
 buffer of about `CHUNK_BYTES`, it is written and read back while it still sits in the cache, and it is never kept:
 the backward builds the column matrix of the output gradient instead (which serves both of its products, see there),
 so the forward stores no more than its input -- PyTorch's memory, not kh*kw times it. On a GPU the "chunk" is the
-whole batch. (Multi-core CPUs are used one level up: the model splits the batch, minidiff.parallel.)
+whole batch, and the column matrix is one kernel (minidiff.conv_gpu). (Multi-core CPUs are used one level up: the model splits the batch, minidiff.parallel.)
 
 Layouts: x (N, H, W, C), w (O, C, kh, kw) as PyTorch's OIHW, b (O,), out (N, Ho, Wo, O).
 """
 
 from __future__ import annotations
 
+from . import conv_gpu
 from .backend import get_array_module, is_cupy_module
 from .parallel import batch_parts
 from .norm import add_channels, channel_sums
@@ -57,15 +58,15 @@ def im2col(x, kh, kw, stride, ph, pw, name="im2col"):
     n, H, W, C = x.shape
     Ho, Wo = out_size(H, W, kh, kw, stride, ph, pw)
     cols = scratch(name + ".cols", (n, Ho, Wo, kh, kw, C), x)
+    xp = get_array_module(x)
+    if is_cupy_module(xp):   # one launch, no padded copy (minidiff.conv_gpu)
+        return conv_gpu.im2col(xp, x, cols, stride, ph, pw).reshape(n * Ho * Wo, kh * kw * C)
     src = x
     if ph or pw:
         # one padded buffer for every shape, not a zeroed one per shape (which kept a few images of every layer's
-        # padded input alive between calls): its border is zeroed when the last use had another geometry. On a
-        # GPU memory is plentiful and every zeroing is four launches: one buffer per geometry, zeroed once.
+        # padded input alive between calls): its border is zeroed when the last use had another geometry
         padded = (n, H + 2 * ph, W + 2 * pw, C)
-        tag = (padded, ph, pw)
-        pad_name = (name + ".pad", tag) if is_cupy_module(get_array_module(x)) else name + ".pad"
-        src, kept = scratch_kept(pad_name, padded, x, tag=tag)
+        src, kept = scratch_kept(name + ".pad", padded, x, tag=(padded, ph, pw))
         if not kept:
             src[:, :ph] = 0
             src[:, ph + H:] = 0

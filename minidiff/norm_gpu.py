@@ -34,16 +34,16 @@ def _per_group(a, N, G):
 
 
 def group_norm_forward(xp, x, gamma, beta, groups, eps, silu, cache):
-    """As `minidiff.norm.group_norm_nhwc_forward`, on CuPy arrays."""
+    """As `minidiff.norm.group_norm_nhwc_forward`, on CuPy arrays: 4 launches (mean, the centred sum of squares,
+    inv_std, the fused elementwise pass)."""
     N, C = x.shape[0], x.shape[-1]
     x4 = x.reshape(N, -1, groups, C // groups)
     count = x4.shape[1] * x4.shape[3]
-    mean = x4.sum(axis=(1, 3)) / count                                           # (N, G)
-    sq = elementwise_kernel(xp, "T x, T mean", "T y", "T d = x - mean; y = d * d", "minidiff_gn_sq")(
-        x4, _per_group(mean, N, groups))
+    mean = x4.mean(axis=(1, 3))                                                   # (N, G), sum / count in one kernel
+    sum_sq = reduction_kernel(xp, "T x, T mean", "T y", "(x - mean) * (x - mean)", "minidiff_gn_centred_sq")(
+        x4, _per_group(mean, N, groups), axis=(1, 3))
     inv_std = elementwise_kernel(xp, "T s, T n, T eps", "T inv", "inv = (T)1 / sqrt(s / n + eps)",
-                                 "minidiff_gn_inv_std")(sq.sum(axis=(1, 3)), x.dtype.type(count), x.dtype.type(eps))
-    del sq
+                                 "minidiff_gn_inv_std")(sum_sq, x.dtype.type(count), x.dtype.type(eps))
     out_params, body = _FORWARD[(bool(silu), bool(cache))]
     g4, b4 = gamma.reshape(1, 1, groups, -1), beta.reshape(1, 1, groups, -1)
     name = f"minidiff_gn_fwd_{int(silu)}{int(silu and cache)}"   # without SiLU the cache changes nothing here
@@ -54,31 +54,43 @@ def group_norm_forward(xp, x, gamma, beta, groups, eps, silu, cache):
 
 
 def group_norm_backward(xp, dout, cache):
-    """As `minidiff.norm.group_norm_nhwc_backward` (see the derivation there), on CuPy arrays."""
+    """As `minidiff.norm.group_norm_nhwc_backward` (see the derivation there), on CuPy arrays: 7 launches. With SiLU,
+    2 dh = dout * dsilu is formed inside the kernels that read it, never stored."""
     x, mean, inv_std, gamma, groups, dsilu = cache
     N, C = x.shape[0], x.shape[-1]
     Cg = C // groups
     x3, shape4 = x.reshape(N, -1, C), (N, -1, groups, Cg)
     count = x3.shape[1] * Cg
+    d3 = dout.reshape(x3.shape)
     if dsilu is not None:
-        q, half = xp.multiply(dout.reshape(x3.shape), dsilu.reshape(x3.shape)), 0.5   # 2 dh
+        s3, half = dsilu.reshape(x3.shape), 0.5
+        sum_q = reduction_kernel(xp, "T d, T s", "T y", "d * s", "minidiff_gn_sum_q")(d3, s3, axis=1)
+        sum_qx = reduction_kernel(xp, "T d, T s, T x", "T y", "d * s * x", "minidiff_gn_sum_qx")(d3, s3, x3, axis=1)
     else:
-        q, half = dout.reshape(x3.shape), 1.0
-    sums = q.sum(axis=1).reshape(N, groups, Cg), reduction_kernel(
-        xp, "T q, T x", "T y", "q * x", "minidiff_sum_product")(q, x3, axis=1).reshape(N, groups, Cg)
-    # per (image, channel): sum_s dh, sum_s dh x_hat, both times gamma, and A; then per (image, group): B, D
-    sum_d, sum_dxhat, gd, gdx, A = elementwise_kernel(
+        half = 1.0
+        sum_q = d3.sum(axis=1)
+        sum_qx = reduction_kernel(xp, "T q, T x", "T y", "q * x", "minidiff_sum_product")(d3, x3, axis=1)
+    # per (image, channel): sum_s dh, sum_s dh x_hat, both times gamma, and A; then per (image, group): B, D.
+    # The four per-channel sums share one buffer, so the group sums and the parameter sums are a reduction each.
+    per_channel = xp.empty((4, N, groups, Cg), dtype=x.dtype)
+    A = elementwise_kernel(
         xp, "T sum_q, T sum_qx, T mean, T inv, T gamma, T scale", "T sd, T sdxhat, T gd, T gdx, T A",
         "sd = sum_q * scale; sdxhat = (sum_qx * scale - mean * sd) * inv; gd = sd * gamma; gdx = sdxhat * gamma; "
         "A = inv * gamma * scale;", "minidiff_gn_bwd_channels")(
-        *sums, mean[:, :, None], inv_std[:, :, None], gamma.reshape(groups, Cg), x.dtype.type(half))
+        sum_q.reshape(N, groups, Cg), sum_qx.reshape(N, groups, Cg), mean[:, :, None], inv_std[:, :, None],
+        gamma.reshape(groups, Cg), x.dtype.type(half), *per_channel, xp.empty((N, groups, Cg), dtype=x.dtype))[4]
+    group_sums = per_channel[2:].sum(axis=3)                                        # (2, N, G): sum gd, sum gdx
     B, D = elementwise_kernel(
         xp, "T inv, T mean, T sum_gx, T sum_g, T n", "T B, T D",
         "T mgx = sum_gx / n; B = -inv * inv * mgx; D = inv * (mean * inv * mgx - sum_g / n);",
-        "minidiff_gn_bwd_groups")(inv_std, mean, gdx.sum(axis=2), gd.sum(axis=2), x.dtype.type(count))
-    A = A.reshape(N, 1, groups, Cg)
-    dx = elementwise_kernel(xp, "T q, T x, T A, T B, T D", "T dx", "dx = q * A + (x * B + D)",
-                            "minidiff_gn_dx")(q.reshape(shape4), x3.reshape(shape4), A, _per_group(B, N, groups),
-                                              _per_group(D, N, groups))
-    dgamma, dbeta = sum_dxhat.reshape(N, C).sum(axis=0), sum_d.reshape(N, C).sum(axis=0)
+        "minidiff_gn_bwd_groups")(inv_std, mean, group_sums[1], group_sums[0], x.dtype.type(count))
+    A, B, D = A.reshape(N, 1, groups, Cg), _per_group(B, N, groups), _per_group(D, N, groups)
+    if dsilu is not None:
+        dx = elementwise_kernel(xp, "T d, T s, T x, T A, T B, T D", "T dx", "dx = d * s * A + (x * B + D)",
+                                "minidiff_gn_silu_dx")(d3.reshape(shape4), s3.reshape(shape4), x3.reshape(shape4),
+                                                       A, B, D)
+    else:
+        dx = elementwise_kernel(xp, "T q, T x, T A, T B, T D", "T dx", "dx = q * A + (x * B + D)",
+                                "minidiff_gn_dx")(d3.reshape(shape4), x3.reshape(shape4), A, B, D)
+    dbeta, dgamma = per_channel[:2].reshape(2, N, C).sum(axis=1)                    # sums over the images
     return dx.reshape(dout.shape), {"weight": dgamma, "bias": dbeta}

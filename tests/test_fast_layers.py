@@ -68,14 +68,6 @@ def test_conv2d_nhwc_forward_matches_torch(cpu_backend, torch, tiny_chunks, case
     np.testing.assert_allclose(_nhwc_to_nchw(to_numpy(out)), ref.numpy(), rtol=0, atol=1e-12)
 
 
-@pytest.fixture(params=["shared", "per-geometry"])
-def pad_buffers(request, monkeypatch):
-    """Both ways of keeping padded inputs: one buffer for all shapes (CPU), one per geometry (what CuPy uses)."""
-    if request.param == "per-geometry":
-        monkeypatch.setattr(conv, "is_cupy_module", lambda xp: True)
-    return request.param
-
-
 @pytest.mark.parametrize("case", NHWC_CONV_CASES)
 def test_conv2d_nhwc_ignores_what_earlier_calls_left_in_scratch(cpu_backend, tiny_chunks, case):
     """Padded inputs and column matrices live in scratch buffers shared by every shape: a call must write every
@@ -116,8 +108,7 @@ def test_group_norm_nhwc_of_a_transposed_view_equals_that_of_its_contiguous_copy
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_conv2d_nhwc_rezeroes_the_padded_border_for_the_same_padded_shape_with_another_padding(cpu_backend,
-                                                                                             pad_buffers):
+def test_conv2d_nhwc_rezeroes_the_padded_border_for_the_same_padded_shape_with_another_padding(cpu_backend):
     """5x5 padded by 1 and 3x3 padded by 2 are both 7x7: the second must not take the first's border (one pixel
     wide) for its own (two)."""
     from minidiff import workspace

@@ -73,6 +73,18 @@ def test_fused_group_norm_on_the_gpu_matches_numpy(silu, dtype):
         assert _rel(got, want) < RTOL[dtype] / 10
 
 
+@pytest.mark.parametrize("kh,kw,stride,ph,pw", [(3, 3, 1, 1, 1), (3, 3, 2, 1, 1), (3, 3, 1, 2, 2), (3, 3, 1, 0, 0),
+                                                (2, 3, 2, 0, 1), (3, 3, 1, 2, 1)])
+def test_one_kernel_im2col_on_the_gpu_copies_what_numpy_copies(kh, kw, stride, ph, pw):
+    """minidiff.conv_gpu writes the columns from the input directly; they must be the NumPy form's, bit for bit
+    (the last geometry is the stride-1 backward's padding k - 1 - p, uneven here), also from a non-contiguous input."""
+    from minidiff.conv import im2col
+    x = np.random.default_rng(8).standard_normal((3, 7, 6, 5)).astype(np.float32)
+    want = im2col(x, kh, kw, stride, ph, pw).copy()
+    for gx in (GPU.asarray(x), GPU.asarray(x.transpose(0, 2, 1, 3).copy()).transpose(0, 2, 1, 3)):
+        np.testing.assert_array_equal(to_numpy(im2col(gx, kh, kw, stride, ph, pw)), want)
+
+
 OPTIMIZERS = [
     ("adam", {}), ("adam", dict(weight_decay=0.1, maximize=True)), ("adam", dict(bias_correction=False)),
     ("adamw", dict(weight_decay=0.1)), ("adamw", dict(weight_decay=0.1, maximize=True)),
