@@ -77,13 +77,14 @@ def breakdown(name, repeats=20):
         be.synchronize()
     row["enqueue"] = statistics.median(state["enqueue"])
     row["step_late"] = _median_ms(step, be.synchronize, repeats)   # the step again: is the first reading transient?
-    row["device"] = _device_ms(be.xp, step, repeats)
+    row["gpu_span"] = _gpu_span_ms(be.xp, step, repeats)
     return row
 
 
-def _device_ms(xp, fn, repeats):
-    """Median GPU time of fn (CUDA events around it, no host wait inside): above the enqueue time, the device's own
-    work sets the step's time; below it, the host's launches do."""
+def _gpu_span_ms(xp, fn, repeats):
+    """Median time between CUDA events recorded before and after fn on the device's stream. It includes the time the
+    device sits idle waiting for the host's next launch, so in a launch-bound step it tracks the enqueue time; the
+    device's own work is smaller (benchmarks/gpu_profile.py --kernels sums it)."""
     times = []
     for _ in range(repeats):
         start, stop = xp.cuda.Event(), xp.cuda.Event()
@@ -123,7 +124,7 @@ def main(argv=None):
     ap.add_argument("--config", action="append", choices=[c for c in CONFIGS if not CONFIGS[c].sample_steps])
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args(argv)
-    keys = ("step", "forward", "backward", "adam_fused", "adam_generic", "enqueue", "step_late", "device")
+    keys = ("step", "forward", "backward", "adam_fused", "adam_generic", "enqueue", "step_late", "gpu_span")
     print("config     " + "".join(f"{k:>14}" for k in keys) + "   (ms, medians)")
     for name in args.config or ["digits", "32x32"]:
         row = breakdown(name, args.repeats)

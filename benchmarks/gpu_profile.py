@@ -4,7 +4,8 @@ functions with the most host time are the ones to fuse or batch.
 
     python benchmarks/gpu_profile.py [--device gpu] [--steps 30] [--top 30] [--kernels]
 
-Prints the step's median time (device synchronised), then the minidiff functions by own time and by cumulative time.
+Prints the step's median time (device synchronised), then the functions (minidiff's and the CuPy calls they make) by
+own time and by cumulative time.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def main(argv=None):
     ap.add_argument("--kernels", action="store_true", help="also list the GPU kernels by device time (needs torch)")
     args = ap.parse_args(argv)
     trainer = Trainer(TrainConfig(device=args.device))
+    try:
+        _profile(trainer, args)
+    finally:
+        trainer.model.stop_workers()
+
+
+def _profile(trainer, args):
     sync = trainer.backend.synchronize
     for _ in range(5):
         trainer.train_step()
@@ -56,7 +64,6 @@ def main(argv=None):
         print("\n".join(line for line in lines[start:] if line.strip()), flush=True)
     if args.kernels and trainer.backend.name == "cupy":
         _kernel_table(trainer, args.top)
-    trainer.model.stop_workers()
 
 
 def _kernel_table(trainer, top, steps=5):

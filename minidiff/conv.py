@@ -9,7 +9,8 @@ Why chunks: the column matrix is kh*kw times the size of the input. Built for a 
 buffer of about `CHUNK_BYTES`, it is written and read back while it still sits in the cache, and it is never kept:
 the backward builds the column matrix of the output gradient instead (which serves both of its products, see there),
 so the forward stores no more than its input -- PyTorch's memory, not kh*kw times it. On a GPU the "chunk" is the
-whole batch, and the column matrix is one kernel (minidiff.conv_gpu). (Multi-core CPUs are used one level up: the model splits the batch, minidiff.parallel.)
+whole batch, and the column matrix is one kernel (minidiff.conv_gpu). (Multi-core CPUs are used one level up: the
+model splits the batch, minidiff.parallel.)
 
 Layouts: x (N, H, W, C), w (O, C, kh, kw) as PyTorch's OIHW, b (O,), out (N, Ho, Wo, O).
 """

@@ -4,12 +4,11 @@ A model's parameters are ~130 small arrays. An optimizer step applies the same e
 NumPy every operation costs ~1 us of call overhead whatever its size (on a GPU, a kernel launch): per parameter,
 Adam's ten operations cost more in calls than in arithmetic. `FlatArrays` is a dict whose arrays are consecutive
 views into one 1-D buffer, in dict order, with no gaps; `runs` cuts that buffer into runs of whole arrays, which an
-optimizer then treats like single arrays (PyTorch's "multi-tensor" optimizers group parameters the same way). A
-model's gradients come laid out the same way (`gather`), so a gradient norm, a clip or an optimizer's run reads one
-slice of them instead of ~130 arrays. An
+optimizer then treats like single arrays (PyTorch's "multi-tensor" optimizers group parameters the same way). An
 elementwise rule gives the same bits per element however the elements are grouped. Measured on one core, a digits
 model (128 arrays, 177k weights): Adam 1.29 ms a step array by array, 0.38 ms in runs of 32k elements; the EMA
-0.40 ms and 0.12 ms.
+0.40 ms and 0.12 ms. A model's gradients come laid out the same way (`gather`), so a gradient norm, a clip or an
+optimizer's run reads one slice of them instead of ~130 arrays (on a GPU, one launch instead of ~130).
 """
 
 from __future__ import annotations
@@ -56,13 +55,15 @@ class FlatArrays(dict):
     def same_layout(self, other) -> bool:
         """Whether `other` is an intact FlatArrays with these names, shapes and order: its `flat` then lines up with
         this one's element for element (a model's gradients with its parameters)."""
-        return isinstance(other, FlatArrays) and other.intact() and other._shapes == self._shapes
+        # dict equality ignores order, and a reordered layout would hand each parameter another's gradient
+        return (isinstance(other, FlatArrays) and other.intact()
+                and list(other._shapes.items()) == list(self._shapes.items()))
 
 
 def gather(layout: FlatArrays, arrays: dict, xp) -> FlatArrays:
-    """`arrays` (the names and shapes of `layout`) copied end to end into a new buffer laid out like `layout`: one
-    concatenation (on a GPU a single kernel) instead of a copy per array."""
-    return layout.like(xp.concatenate([arrays[name].reshape(-1) for name in layout]))
+    """`arrays` (the names and shapes of `layout`) copied end to end into a new buffer laid out like `layout`, in its
+    dtype: one concatenation (on a GPU a single kernel) instead of a copy per array."""
+    return layout.like(xp.concatenate([arrays[name].reshape(-1) for name in layout], dtype=layout.flat.dtype))
 
 
 def total_size(shapes: dict) -> int:

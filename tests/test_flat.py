@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from minidiff.backend import get_backend, to_numpy
-from minidiff.flat import FlatArrays, runs as flat_runs, total_size
+from minidiff.flat import FlatArrays, gather, runs as flat_runs, total_size
 from minidiff.optim import Adam, build_optimizer
 from test_optim import CONFIGS, _on
 
@@ -142,14 +142,43 @@ def test_a_models_gradients_come_laid_out_like_its_parameters_in_a_new_buffer_ea
     rng = np.random.default_rng(3)
     shape = (4, 1, 8, 8) if model_name == "unet" else (4, 2)
     x, t = rng.standard_normal(shape).astype(np.float32), np.array([1, 50, 300, 999])
-    grads = []
+    grads, first = [], None
     for k in range(2):
         model.forward(x * (k + 1), t)
         grads.append(model.backward(np.ones(shape, dtype=np.float32)))
-    first = {name: g.copy() for name, g in grads[0].items()}
+        first = first or {name: g.copy() for name, g in grads[0].items()}   # before the second backward
     for g in grads:
-        assert model.params.same_layout(g) and g.flat is not model.params.flat
-    assert grads[0].flat is not grads[1].flat
+        assert model.params.same_layout(g) and g.flat.dtype == model.params.flat.dtype
+        assert not np.shares_memory(g.flat, model.params.flat)
+    assert not np.shares_memory(grads[0].flat, grads[1].flat)
     assert not np.array_equal(grads[0].flat, grads[1].flat)
     for name, g in grads[0].items():
         np.testing.assert_array_equal(g, first[name])
+
+
+def test_gradients_laid_out_in_another_order_are_not_taken_for_the_parameters_layout():
+    """Same names and shapes in another order put each array elsewhere in `flat`: the optimizer must not apply the
+    slices of such gradients run by run (each parameter would get another's gradient)."""
+    params = _flat_or_not(get_backend("cpu"), True, {k: np.zeros(s) for k, s in RUN_SHAPES.items()})
+    grads = {k: np.full(s, float(i + 1), dtype=np.float32) for i, (k, s) in enumerate(RUN_SHAPES.items())}
+    reordered = {k: RUN_SHAPES[k] for k in reversed(RUN_SHAPES)}
+    flipped = FlatArrays(reordered, np.concatenate([grads[k].ravel() for k in reordered]))
+    assert not params.same_layout(flipped) and params.same_layout(gather(params, grads, np))
+    build_optimizer("sgd", params, lr=1.0).step(flipped)
+    for k in RUN_SHAPES:
+        np.testing.assert_array_equal(params[k], -grads[k])
+
+
+def test_gathered_gradients_take_the_layouts_dtype_and_runs_cast_flat_gradients_of_another():
+    rng = np.random.default_rng(4)
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in RUN_SHAPES.items()}
+    grads = {k: rng.standard_normal(s) for k, s in RUN_SHAPES.items()}   # float64
+    results = []
+    for flat64 in (False, True):
+        params = _flat_or_not(get_backend("cpu"), True, start)
+        gathered = gather(params, grads, np)
+        assert gathered.flat.dtype == np.float32
+        wide = FlatArrays(RUN_SHAPES, np.concatenate([grads[k].ravel() for k in RUN_SHAPES]))
+        build_optimizer("adam", params).step(wide if flat64 else grads)
+        results.append(params.flat.copy())
+    np.testing.assert_array_equal(results[1], results[0])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minidiff.backend import BackendError, get_backend, to_numpy
-from minidiff.flat import FlatArrays, gather, total_size
+from minidiff.flat import FlatArrays, total_size
 from minidiff.optim import build_optimizer, fused
 from minidiff.samplers import ddim_sample
 from minidiff.schedules import make_schedule
@@ -36,6 +36,7 @@ def _forward_backward(backend, dtype, x, t, dout):
     model = UNet(**SMALL_UNET, dtype=dtype, seed=3, device=backend)
     out = model.forward(backend.asarray(x), t)
     grads = model.backward(backend.asarray(dout, dtype=dtype))
+    assert model.params.same_layout(grads) and grads.flat.dtype == model.params.flat.dtype
     return to_numpy(out), {k: to_numpy(g) for k, g in grads.items()}
 
 
@@ -114,8 +115,8 @@ def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None, flat=F
         if step == 3:
             opt.lr = opt.lr * 0.7   # a schedule changes the rate mid-run
         grads = {k: backend.asarray(rng.standard_normal(s), dtype=grad_dtype or dtype) for k, s in shapes.items()}
-        if flat_grads:
-            grads = gather(params, grads, backend.xp)
+        if flat_grads:   # in the gradients' own dtype (gather would cast them to the parameters')
+            grads = FlatArrays(shapes, backend.xp.concatenate([g.reshape(-1) for g in grads.values()]))
         opt.step(grads, diagnostics=step % 3 == 2)   # training's log steps ask for diagnostics: the generic path
     return {k: to_numpy(p) for k, p in params.items()}, opt.state_dict()["buffers"]
 
@@ -147,9 +148,10 @@ def test_optimizer_steps_on_the_gpu_match_numpy_fused_or_not(name, hyper, dtype,
                     assert _rel(gpu_bufs[k][b], arr) < RTOL[dtype] / 10, (case, k, b)
 
 
-def test_fused_step_casts_gradients_of_another_dtype_like_the_generic_path():
+@pytest.mark.parametrize("flat", [False, True], ids=["arrays", "end-to-end"])
+def test_fused_step_casts_gradients_of_another_dtype_like_the_generic_path(flat):
     want, _ = _run_optimizer(CPU, "adam", {}, "float32", grad_dtype="float64")
-    got, _ = _run_optimizer(GPU, "adam", {}, "float32", grad_dtype="float64")
+    got, _ = _run_optimizer(GPU, "adam", {}, "float32", grad_dtype="float64", flat=flat, flat_grads=flat)
     for k, p in want.items():
         assert got[k].dtype == np.float32 and _rel(got[k], p) < RTOL["float32"] / 10
 

@@ -280,8 +280,9 @@ class Optimizer:
 
     @property
     def _fused_update(self):
-        """The one-launch-per-parameter CuPy step for this configuration (minidiff.optim.fused.adam or .sgd,
-        called as f(optimizer, grads, coef)), or None."""
+        """The fused CuPy step for this configuration (minidiff.optim.fused.adam or .sgd, called as
+        f(optimizer, grads, coef): one launch per run, or per parameter where the gradients are not laid out like the
+        parameters), or None."""
         return None
 
     def _update(self, st, theta, g, tmp, u, coef, diag) -> None:
