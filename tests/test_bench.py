@@ -126,3 +126,19 @@ def test_cli_gpu_without_cupy_is_exit_code_2_and_one_line():
     result = CliRunner().invoke(main, ["bench", "--device", "gpu", "--quick", "--config", "digits"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1].startswith("Error:") and "cupy" in result.output.lower()
+
+
+def test_gpu_profile_script_runs_on_the_cpu_and_prints_the_step_time_and_both_tables():
+    """benchmarks/gpu_profile.py is run on lent GPU machines with little time to spare: it must not have rotted.
+    On the CPU it profiles the same Trainer step (without the device's kernel table)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_profile.py"), "--device", "cpu", "--steps",
+                          "1", "--top", "5", "--kernels"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Trainer.train_step, default config, cpu: median" in out.stdout
+    assert "--- by tottime" in out.stdout and "--- by cumulative" in out.stdout and "train_step" in out.stdout
