@@ -54,7 +54,8 @@ class EMA:
         """θ̄ ← θ̄ + (1 − d_n)(θ − θ̄) for every array; returns d_n."""
         self.num_updates += 1
         d = self.decay_at(self.num_updates)
-        if self._same_layout(params):   # the same elementwise operations on the same elements, in few long calls
+        if self._chunks is not None and self.params.intact() and self.params.same_layout(params):
+            # the same elementwise operations on the same elements, in a few long calls
             (buf,) = self._scratch[_CHUNK_KEY]
             for a, b in self._chunks:
                 tmp = buf[:b - a]
@@ -68,11 +69,6 @@ class EMA:
             tmp *= 1.0 - d
             avg += tmp
         return d
-
-    def _same_layout(self, params) -> bool:
-        """Whether `params` and the average are both laid end to end (minidiff.flat), alike and intact."""
-        return (self._chunks is not None and isinstance(params, FlatArrays) and params.intact()
-                and self.params.intact() and params.spans == self.params.spans)
 
     def copy_to(self, params: dict) -> None:
         """Write the averaged weights into `params` (e.g. a sampling copy of the model), in place."""

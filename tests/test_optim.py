@@ -369,26 +369,37 @@ def _emulated_kernels(xp, name):
     ("adam", {}), ("adam", dict(weight_decay=0.1, maximize=True)), ("adam", dict(bias_correction=False)),
     ("adamw", dict(weight_decay=0.1)), ("sgd", dict(lr=0.1, weight_decay=0.01, maximize=True)),
     ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01)), ("nesterov", dict(lr=0.1))])
-def test_the_fused_step_hands_its_kernels_the_generic_steps_numbers(name, hyper, monkeypatch):
+@pytest.mark.parametrize("flat", [False, True], ids=["arrays", "end-to-end"])
+def test_the_fused_step_hands_its_kernels_the_generic_steps_numbers(name, hyper, flat, monkeypatch):
     """With NumPy stand-ins for the kernels, the fused path must give the generic path's parameters and state bit
-    for bit: the kernels do the same float32 operations in the same order, so any difference is in the plumbing."""
+    for bit: the kernels do the same float32 operations in the same order, so any difference is in the plumbing.
+    end-to-end: parameters and gradients laid out alike (a model's), one launch per run instead of per array, against
+    the generic step on separate arrays."""
+    from minidiff.flat import FlatArrays, gather, total_size
     from minidiff.optim import fused
     rng = np.random.default_rng(4)
     shapes = {"w": (6, 3, 3, 3), "b": (6,)}
     start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(5)]
-    results = []
+    results, launches = [], []
     for emulate in (False, True):
         if emulate:
             monkeypatch.setattr(fused, "available", lambda xp: True)
-            monkeypatch.setattr(fused, "_kernel", _emulated_kernels)
-        params = {k: v.copy() for k, v in start.items()}
+            monkeypatch.setattr(fused, "_kernel", lambda xp, kname: lambda *a: (launches.append(1),
+                                                                               _emulated_kernels(xp, kname)(*a)))
+        if flat and emulate:
+            params = FlatArrays(shapes, np.zeros(total_size(shapes), dtype=np.float32))
+            for k, v in start.items():
+                params[k][...] = v
+        else:
+            params = {k: v.copy() for k, v in start.items()}
         opt = build_optimizer(name, params, **hyper)
         for step, g in enumerate(grads):
             if step == 2:
                 opt.lr = opt.lr * 0.5
-            opt.step(g)
+            opt.step(gather(params, g, np) if flat and emulate else g)
         results.append((params, opt.state_dict()["buffers"]))
+    assert len(launches) == len(grads) * (1 if flat else len(shapes))
     (want, want_bufs), (got, got_bufs) = results
     for k in shapes:
         assert np.array_equal(got[k], want[k]), k

@@ -209,12 +209,12 @@ class Optimizer:
         """Whether this step can go run by run: the parameters were laid out in runs and still are."""
         return bool(self._runs) and self.params.intact()
 
-    def run_grads(self, grads) -> list:
-        """Each run's gradient: a slice of grads.flat where the gradients are laid out like the parameters (a
-        model's backward), else None per run (the step then copies them in array by array)."""
+    def run_grads(self, grads) -> list | None:
+        """Each run's gradient, a slice of grads.flat, where the gradients are laid out like the parameters (a
+        model's backward); else None (the gradients go into a run array by array)."""
         if self.params.same_layout(grads):
             return [grads.flat[run.span[0]:run.span[1]] for run in self._runs]
-        return [None] * len(self._runs)
+        return None
 
     def _update_is_elementwise(self) -> bool:
         """Whether the class that defines this optimizer's `_update` declared it elementwise: a subclass with its own
@@ -239,7 +239,7 @@ class Optimizer:
             self._runs.append(_Run(key, theta, (start, stop), members, {b: flat[b].flat[start:stop] for b in flat}))
 
     def _step_runs(self, grads, coef) -> None:
-        for run, grad in zip(self._runs, self.run_grads(grads)):
+        for run, grad in zip(self._runs, self.run_grads(grads) or [None] * len(self._runs)):
             g, tmp, u = self._scratch[run.key]
             if grad is not None:
                 self._effective_grad(run.theta, grad, g)

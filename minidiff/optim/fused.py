@@ -76,8 +76,9 @@ def _launch_all(opt, grads, name, scalars, buffer_names) -> None:
     gradients are laid out alike (Optimizer.run_grads: one launch for a small model), else for every parameter. The
     step's scalars are made once per dtype, in that dtype, as NumPy rounds a Python float against an array of it."""
     kernel, made = _kernel(opt._xp, name), {}
-    if opt.runs_apply() and opt.params.same_layout(grads):
-        work = [(run.theta, grad, run.state) for run, grad in zip(opt._runs, opt.run_grads(grads))]
+    by_run = opt.run_grads(grads) if opt.runs_apply() else None
+    if by_run is not None:
+        work = [(run.theta, grad, run.state) for run, grad in zip(opt._runs, by_run)]
     else:
         work = [(theta, grads[pname], opt.state[pname]) for pname, theta in opt.params.items()]
     for theta, grad, state in work:
