@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 7 in one call of a lent GPU machine (see benchmarks/README.md): the tests that run on CuPy,
 # where the GPU step's time goes, then the benchmark against PyTorch CUDA eager. Logs and JSON go to $OUT.
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [tests] [breakdown] [bench] [memory] [cli]   (default: the first three)
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [tests] [graphs] [breakdown] [bench] [memory] [cli]   (default: the first three)
 # Exits 1 when there is no usable GPU for CuPy, or when any step failed (the others still run).
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -20,6 +20,8 @@ for step in $steps; do
     tests)  # the CuPy parametrisations of every backend-parametrised test, and tests/test_gpu.py
       timeout 240 python3 -m pytest -q -p no:cacheprovider $plugins -k gpu tests/ -rfs 2>&1 \
         | tee "$OUT/tests.log" | tail -40 || failed="$failed tests" ;;
+    graphs)  # the default training step with CUDA graphs on and off, interleaved, and their bits compared
+      timeout 120 python3 benchmarks/graph_ab.py 2>&1 | tee "$OUT/graphs.log" || failed="$failed graphs" ;;
     breakdown)
       timeout 90 python3 benchmarks/gpu_breakdown.py 2>&1 | tee "$OUT/breakdown.log" || failed="$failed breakdown" ;;
     bench)
@@ -35,7 +37,7 @@ for step in $steps; do
         || failed="$failed inspect"
       timeout 60 python3 cli.py sample "$OUT/gpu_run.h5" --out "$OUT/gpu_samples.png" 2>&1 | tail -3 \
         || failed="$failed sample" ;;
-    *) echo "unknown step $step (tests, breakdown, bench, memory, cli)" >&2; failed="$failed $step" ;;
+    *) echo "unknown step $step (tests, graphs, breakdown, bench, memory, cli)" >&2; failed="$failed $step" ;;
   esac
 done
 if [ -n "$failed" ]; then echo "FAILED:$failed" >&2; exit 1; fi

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import get_array_module
+from .backend import get_array_module, matmul
 from .conv import conv2d_nhwc_backward, conv2d_nhwc_forward
 from .denoiser import add_grads
 from .layers import conv2d_params, group_norm_params, named_specs
@@ -53,11 +53,11 @@ def attention_forward(qkv, num_heads):
     tokens = qkv.reshape(N, H * W, C3)
     q, k, v = (_heads(tokens[:, :, i * C:(i + 1) * C], num_heads) for i in range(3))   # (N, heads, L, d) views
     scale = 1.0 / math.sqrt(d)
-    s = xp.matmul(q, k.transpose(0, 1, 3, 2))            # (N, heads, L, L): s[i, j] = q_i . k_j
+    s = matmul(q, k.transpose(0, 1, 3, 2))            # (N, heads, L, L): s[i, j] = q_i . k_j
     s *= scale
     p, _ = softmax_forward(s)                             # each query position i: weights over key positions j
     out = xp.empty((N, H * W, C), dtype=qkv.dtype)
-    _heads(out, num_heads)[...] = xp.matmul(p, v)         # out_i = sum_j p[i, j] v_j, heads side by side
+    _heads(out, num_heads)[...] = matmul(p, v)         # out_i = sum_j p[i, j] v_j, heads side by side
     return out.reshape(N, H, W, C), (q, k, v, p, scale)
 
 
@@ -72,11 +72,11 @@ def attention_backward(dout, cache):
     do = _heads(dout.reshape(N, H * W, C), heads)
     dqkv = xp.empty((N, H * W, 3 * C), dtype=dout.dtype)
     dq, dk, dv = (_heads(dqkv[:, :, i * C:(i + 1) * C], heads) for i in range(3))   # views into dqkv
-    dv[...] = xp.matmul(p.transpose(0, 1, 3, 2), do)
-    ds, _ = softmax_backward(xp.matmul(do, v.transpose(0, 1, 3, 2)), p)
+    dv[...] = matmul(p.transpose(0, 1, 3, 2), do)
+    ds, _ = softmax_backward(matmul(do, v.transpose(0, 1, 3, 2)), p)
     ds *= scale
-    dq[...] = xp.matmul(ds, k)
-    dk[...] = xp.matmul(ds.transpose(0, 1, 3, 2), q)
+    dq[...] = matmul(ds, k)
+    dk[...] = matmul(ds.transpose(0, 1, 3, 2), q)
     return dqkv.reshape(N, H, W, 3 * C), {}
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import cublas_gpu
 from . import strict as _strict
 
 DEVICES = ("cpu", "gpu", "auto", "strict")
@@ -151,6 +152,15 @@ def to_float(a) -> float:
 
 def is_cupy_module(xp) -> bool:
     return getattr(xp, "__name__", "") == "cupy"
+
+
+def matmul(a, b, out=None):
+    """a @ b (NumPy's matmul, into `out` when given) on any backend. On CuPy the product goes to cuBLAS directly
+    (minidiff.cublas_gpu), where a CUDA graph can capture it; the layers call this, never xp.matmul."""
+    xp = get_array_module(a, b)
+    if is_cupy_module(xp):
+        return cublas_gpu.matmul(xp, a, b, out)
+    return xp.matmul(a, b, out=out)
 
 
 @functools.lru_cache(maxsize=None)

@@ -270,6 +270,8 @@ def run_benchmarks(configs=None, repeats=5, warmup=1, threads=None, with_torch=T
         with contextlib.suppress(ImportError):
             import torch
     settle = (0.0 if backend.name == "cupy" else 0.15) if settle is None else settle
+    if backend.name == "cupy":   # the first unit warms up, the second captures the CUDA graphs (minidiff.graphs_gpu)
+        warmup = max(warmup, 2)
     s = _Session(backend, dtype, torch, warmup, repeats, settle, memory)
     with limit_threads(threads):
         info = blas_info()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import asdict, replace
 
+from . import cublas_gpu, graphs_gpu
 from .backend import get_backend
 from .bench import BenchConfig, build_model, host_batch, make_twin, ours_unit, torch_unit
 from .flops import limit_threads
@@ -33,7 +34,8 @@ def _memory_mark(backend, impl):
     processes (minidiff.procs) add their private memory (`Denoiser.worker_memory_mib`): what they allocated and
     the pre-fork pages they keep once the parent has written to its copy.
     GPU: the caching allocators' reserved bytes, emptied of cached blocks first: CuPy's default pool total (the
-    pool only grows, so its size is its peak) and torch.cuda.max_memory_reserved.
+    pool only grows, so its size is its peak) plus the CUDA graphs' own pools and the cuBLAS workspace, and
+    torch.cuda.max_memory_reserved.
     """
     if backend.name == "cupy":
         backend.synchronize()
@@ -43,8 +45,9 @@ def _memory_mark(backend, impl):
             torch.cuda.reset_peak_memory_stats()
             read = torch.cuda.max_memory_reserved
         else:
-            backend.xp.get_default_memory_pool().free_all_blocks()
-            read = backend.xp.get_default_memory_pool().total_bytes
+            pool = backend.xp.get_default_memory_pool()
+            pool.free_all_blocks()
+            read = lambda: pool.total_bytes() + graphs_gpu.pool_bytes() + cublas_gpu.workspace_bytes()  # noqa: E731
         return (lambda: (backend.synchronize(), read() / 2 ** 20)[1]), read() / 2 ** 20
     try:
         with open("/proc/self/clear_refs", "w") as f:

@@ -18,7 +18,7 @@ Layouts: x (N, H, W, C), w (O, C, kh, kw) as PyTorch's OIHW, b (O,), out (N, Ho,
 from __future__ import annotations
 
 from . import conv_gpu
-from .backend import get_array_module, is_cupy_module
+from .backend import get_array_module, is_cupy_module, matmul
 from .parallel import batch_parts
 from .norm import add_channels, channel_sums
 from .workspace import scratch, scratch_kept
@@ -100,7 +100,7 @@ def conv2d_nhwc_forward(x, w, b=None, stride=1, padding=0):
     for n0, n1 in image_chunks(xp, N, Ho * Wo * kh * kw * C * x.dtype.itemsize):
         cols = x[n0:n1].reshape(-1, C) if pointwise else im2col(x[n0:n1], kh, kw, stride, ph, pw)
         part = out[n0:n1].reshape(-1, O)
-        xp.matmul(cols, w2t, out=part)
+        matmul(cols, w2t, out=part)
         if b is not None:
             add_channels(out[n0:n1], b)  # while the chunk is still in the cache
     return out, (x, w2t, b is not None, (kh, kw), stride, (ph, pw))
@@ -135,10 +135,9 @@ def conv2d_nhwc_backward(dout, cache, input_grad=True):
 
 def _accumulate(total, a, b):
     """total + a @ b (a @ b when total is None): the sum of a weight gradient over chunks, in chunk order."""
-    xp = get_array_module(a)
     if total is None:
-        return xp.matmul(a, b)
-    total += xp.matmul(a, b)
+        return matmul(a, b)
+    total += matmul(a, b)
     return total
 
 
@@ -153,7 +152,7 @@ def _backward_stride1(dout, x, w2t, kh, kw, ph, pw):
     dw_flip = None
     for n0, n1 in image_chunks(xp, N, H * W * kh * kw * O * dout.dtype.itemsize):
         cols = im2col(dout[n0:n1], kh, kw, 1, kh - 1 - ph, kw - 1 - pw)
-        xp.matmul(cols, w_flip, out=dx[n0:n1].reshape(-1, C))
+        matmul(cols, w_flip, out=dx[n0:n1].reshape(-1, C))
         dw_flip = _accumulate(dw_flip, cols.T, x[n0:n1].reshape(-1, C))
     return dx, xp.ascontiguousarray(dw_flip.reshape(kh, kw, O, C)[::-1, ::-1].transpose(2, 3, 0, 1))
 
@@ -179,9 +178,9 @@ def _input_grad_col2im(dout, w2t, x_shape, kh, kw, stride, ph, pw):
     dx = xp.empty(x_shape, dtype=dout.dtype)
     for n0, n1 in image_chunks(xp, N, Ho * Wo * kh * kw * C * dout.dtype.itemsize):
         if _is_pointwise(kh, kw, stride, ph, pw):
-            xp.matmul(dout[n0:n1].reshape(-1, O), w2t.T, out=dx[n0:n1].reshape(-1, C))
+            matmul(dout[n0:n1].reshape(-1, O), w2t.T, out=dx[n0:n1].reshape(-1, C))
             continue
-        dcols = xp.matmul(dout[n0:n1].reshape(-1, O), w2t.T).reshape(n1 - n0, Ho, Wo, kh, kw, C)
+        dcols = matmul(dout[n0:n1].reshape(-1, O), w2t.T).reshape(n1 - n0, Ho, Wo, kh, kw, C)
         dxpad = xp.zeros((n1 - n0, H + 2 * ph, W + 2 * pw, C), dtype=dout.dtype)
         for i in range(kh):
             for j in range(kw):

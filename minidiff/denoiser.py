@@ -23,7 +23,7 @@ from .backend import Backend, get_backend, resolve_dtype
 from .flat import FlatArrays, gather, total_size
 from .layers import init_param
 from .parallel import batch_parts, cpu_workers, map_parts
-from . import procs
+from . import graphs_gpu, procs
 from .workspace import retain_freed_memory
 
 
@@ -72,6 +72,17 @@ class Denoiser:
         self._tape = None
         self._workers = None   # minidiff.procs.PartWorkers, forked on the first split call
         self._params_shared = False   # parameters in shared memory (set by _init_params), which workers need
+        self._graphs = None
+        self.set_cuda_graphs(graphs_gpu.ENABLED)
+
+    def set_cuda_graphs(self, enabled: bool) -> None:
+        """On CuPy, replay forward and backward as CUDA graphs after a warm-up call (minidiff.graphs_gpu; on by
+        default, MINIDIFF_CUDA_GRAPHS=0 turns it off); elsewhere nothing changes. Turning it off drops the graphs."""
+        on = enabled and self.backend.name == "cupy" and self.splits_batch
+        if not on:
+            self._graphs = None
+        elif self._graphs is None:
+            self._graphs = graphs_gpu.ModelGraphs(self)
 
     def _init_params(self, specs):
         """specs: iterable of (name, shape, init), in registration order; drawn on the host in that order."""
@@ -88,6 +99,11 @@ class Denoiser:
         for name, shape, init in specs:
             self.params[name][...] = self.backend.asarray(init_param(rng, shape, init), dtype=self.dtype)
 
+    def _timesteps(self, t):
+        """t for the timestep embedding: on CuPy a device array, so that the embedding is computed on the device
+        (where a CUDA graph replays it, minidiff.graphs_gpu); elsewhere as given (the host array)."""
+        return self.backend.xp.asarray(t) if self.backend.name == "cupy" else t
+
     def _start(self, x, cache):
         """Cast the input to the model dtype and open a tape (or a NoTape) for this forward."""
         x = x.astype(self.dtype, copy=False)
@@ -101,7 +117,13 @@ class Denoiser:
     # each single-threaded: in worker processes (minidiff.procs) with the NumPy backend, else on threads
     # (minidiff.parallel); on a GPU, or with one BLAS thread, there is one part.
     def _forward_in_parts(self, x, t, cache, forward_images):
-        """forward_images(x_part, t_part, tape_part) -> output part, over parts of the batch; the outputs joined."""
+        """forward_images(x_part, t_part, tape_part) -> output part, over parts of the batch; the outputs joined.
+        Replayed from a CUDA graph where the model has them (set_cuda_graphs)."""
+        if self._graphs is not None:
+            return self._graphs.forward(x, t, cache, lambda x, t: self._forward_parts(x, t, cache, forward_images))
+        return self._forward_parts(x, t, cache, forward_images)
+
+    def _forward_parts(self, x, t, cache, forward_images):
         xp = self.backend.xp
         x, tape = self._start(x, cache)
         parts = self._batch_parts(x.shape)
@@ -117,7 +139,13 @@ class Denoiser:
         return outs[0] if len(outs) == 1 else xp.concatenate(outs, axis=0)
 
     def _backward_in_parts(self, dout, backward_images):
-        """backward_images(dout_part, tape_part) -> {name: gradient} per part, summed in part order."""
+        """backward_images(dout_part, tape_part) -> {name: gradient} per part, summed in part order. Replayed from
+        a CUDA graph where the model has them."""
+        if self._graphs is not None:
+            return self._graphs.backward(dout, lambda d: self._backward_parts(d, backward_images))
+        return self._backward_parts(dout, backward_images)
+
+    def _backward_parts(self, dout, backward_images):
         parts, tapes, workers = self._tape_for_backward().pop()
 
         def part(k):

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, matmul
 from .conv import conv2d_nhwc_backward, conv2d_nhwc_forward
 from .norm import group_norm_nhwc_backward, group_norm_nhwc_forward
 
@@ -46,7 +46,7 @@ def conv2d_backward(dout, cache):
 
 def linear_forward(x, w, b=None):
     """x (N, in), w (out, in), b (out,) -> out = x w^T + b, (N, out)."""
-    out = x @ w.T
+    out = matmul(x, w.T)
     if b is not None:
         out += b
     return out, (x, w, b is not None)
@@ -56,10 +56,10 @@ def linear_forward(x, w, b=None):
 def linear_backward(dout, cache):
     """dout (N, out) -> dx (N, in), {"weight": (out, in), "bias": (out,)}."""
     x, w, has_bias = cache
-    grads = {"weight": dout.T @ x}
+    grads = {"weight": matmul(dout.T, x)}
     if has_bias:
         grads["bias"] = dout.sum(axis=0)
-    return dout @ w, grads
+    return matmul(dout, w), grads
 
 
 # --- GroupNorm (NCHW) ----------------------------------------------------------------------------------------------
@@ -150,22 +150,25 @@ def concat_backward(dout, cache):
 def timestep_embedding(t, dim, max_period=10000.0):
     """Sinusoidal embedding of integer timesteps, as in DDPM (Ho et al. 2020, `get_timestep_embedding`).
 
-    t: host NumPy int array (N,), 0-based -> host float64 array (N, dim):
+    t: int array (N,), 0-based -> float64 array (N, dim) on t's device:
     emb[:, k] = sin(t * f_k), emb[:, half + k] = cos(t * f_k), f_k = max_period^(-k / (half - 1)), half = dim // 2;
-    an odd dim gets a zero last column. Computed on the host in float64 so every backend and dtype sees the same
-    numbers; the caller moves it with `backend.asarray(emb, dtype)`. No backward: t is not differentiable.
+    an odd dim gets a zero last column. Computed in float64 so every dtype sees the same numbers; the caller casts it
+    with `backend.asarray(emb, dtype)`. A host t gives the same numbers on every backend; a device t (CuPy) keeps the
+    computation on the device, where a CUDA graph can replay it (minidiff.graphs_gpu), and may differ from the host's
+    in the last bit of float64. No backward: t is not differentiable.
     """
     if dim < 4:
         raise ValueError(f"timestep embedding needs dim >= 4, got {dim}")
-    t = np.asarray(t)
+    xp = get_array_module(t)
+    t = xp.asarray(t)
     if t.ndim != 1 or not np.issubdtype(t.dtype, np.integer):
-        raise TypeError(f"t must be a host NumPy integer array of shape (N,), got {t.dtype} {t.shape}")
+        raise TypeError(f"t must be an integer array of shape (N,), got {t.dtype} {t.shape}")
     half = dim // 2
-    freqs = np.exp(-math.log(max_period) / (half - 1) * np.arange(half, dtype=np.float64))
+    freqs = xp.exp(-math.log(max_period) / (half - 1) * xp.arange(half, dtype=np.float64))
     args = t.astype(np.float64)[:, None] * freqs[None, :]
-    emb = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    emb = xp.concatenate([xp.sin(args), xp.cos(args)], axis=1)
     if dim % 2:
-        emb = np.concatenate([emb, np.zeros((t.shape[0], 1))], axis=1)
+        emb = xp.concatenate([emb, xp.zeros((t.shape[0], 1), dtype=np.float64)], axis=1)
     return emb
 
 

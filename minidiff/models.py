@@ -42,7 +42,7 @@ class MLPDenoiser(Denoiser):
             raise ValueError(f"need x (N, {self.data_dim}) and host int t (N,), got {x.shape} and "
                              f"{getattr(t, 'shape', t)}")
         x, tape = self._start(x, cache)
-        emb = self.backend.asarray(timestep_embedding(t, self.temb_dim), dtype=self.dtype)
+        emb = self.backend.asarray(timestep_embedding(self._timesteps(t), self.temb_dim), dtype=self.dtype)
         temb = self._linear("time_embed.2", self._silu(self._linear("time_embed.0", emb, tape), tape), tape)
         h = self._linear("in_proj", x, tape)
         h += temb

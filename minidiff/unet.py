@@ -281,7 +281,7 @@ class UNet(Denoiser):
     def _time_forward(self, t, tape):
         """t -> SiLU(temb), (N, 4*base): the input of every ResBlock's temb_proj."""
         p = self.params
-        emb = self.backend.asarray(timestep_embedding(t, self.base_channels), dtype=self.dtype)
+        emb = self.backend.asarray(timestep_embedding(self._timesteps(t), self.base_channels), dtype=self.dtype)
         h, c0 = linear_forward(emb, p["time_embed.0.weight"], p["time_embed.0.bias"])
         h, c1 = silu_forward(h)
         h, c2 = linear_forward(h, p["time_embed.2.weight"], p["time_embed.2.bias"])

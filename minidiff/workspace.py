@@ -70,6 +70,12 @@ def ones_row(n, like):
     return constant(("ones", n), like, lambda xp, dtype: xp.ones((1, n), dtype=dtype))
 
 
+def held_buffers() -> list:
+    """Every scratch buffer and constant now kept: a CUDA graph that captured them holds this list, so that a buffer
+    later replaced (grown) or dropped (`clear`) is not freed while the graph still reads and writes it."""
+    return list(_BUFFERS.values()) + list(_CONSTANTS.values())
+
+
 def clear():
     """Drop every scratch buffer (their memory goes back to the allocator)."""
     _BUFFERS.clear()

@@ -189,3 +189,140 @@ def test_training_steps_on_the_gpu_track_numpy():
         assert type(trainer.model.params["time_embed.0.weight"]).__module__.split(".")[0] == (
             "cupy" if device == "gpu" else "numpy")
     np.testing.assert_allclose(losses["gpu"], losses["cpu"], rtol=RTOL["float32"])   # each step's own loss
+
+
+# --- cuBLAS called directly (minidiff.cublas_gpu) and CUDA graphs (minidiff.graphs_gpu) -----------------------------
+
+def test_direct_cublas_products_match_cupy_matmul_for_every_layout():
+    import cupy
+    from minidiff.cublas_gpu import matmul
+    from test_cublas_plan import layout_cases
+    for dtype, rtol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        for name, a, b in layout_cases(np.random.default_rng(0), lambda h: cupy.asarray(h, dtype=dtype)):
+            want = cupy.asnumpy(cupy.matmul(a, b))
+            np.testing.assert_allclose(cupy.asnumpy(matmul(cupy, a, b)), want, rtol=rtol, atol=rtol, err_msg=name)
+            out = cupy.full(want.shape[::-1], cupy.nan, dtype=dtype).T   # a non-contiguous out
+            assert matmul(cupy, a, b, out=out) is out
+            np.testing.assert_allclose(cupy.asnumpy(out), want, rtol=rtol, atol=rtol, err_msg=name)
+    empty_k = matmul(cupy, cupy.ones((3, 0), dtype=np.float32), cupy.ones((0, 2), dtype=np.float32))
+    assert empty_k.shape == (3, 2) and not cupy.asnumpy(empty_k).any()
+
+
+def test_direct_cublas_products_replay_in_a_cuda_graph_that_cupy_matmul_cannot_enter():
+    import cupy
+    from minidiff.cublas_gpu import matmul
+    rng = np.random.default_rng(1)
+    a, b = (cupy.asarray(rng.standard_normal(s), dtype=np.float32) for s in ((64, 32), (48, 32)))
+    c = cupy.empty((64, 48), dtype=np.float32)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            with pytest.raises(NotImplementedError):   # why cublas_gpu exists (cupy/cupy#6290)
+                cupy.matmul(a, b.T)
+        finally:
+            stream.end_capture()
+        stream.begin_capture()
+        matmul(cupy, a, b.T, out=c)
+        graph = stream.end_capture()
+    a[...] = cupy.asarray(rng.standard_normal((64, 32)), dtype=np.float32)
+    graph.launch()
+    np.testing.assert_allclose(cupy.asnumpy(c), cupy.asnumpy(a @ b.T), rtol=1e-5, atol=1e-5)
+
+
+def _train_steps(graphs, dtype="float32", steps=4, between=None):
+    """Forward, backward and Adam for `steps` batches; -> (model, outputs, flat gradients, final parameters)."""
+    model = UNet(**SMALL_UNET, dtype=dtype, seed=3, device=GPU)
+    model.set_cuda_graphs(graphs)
+    opt = build_optimizer("adam", model.params, lr=1e-2)
+    rng = np.random.default_rng(1)
+    outs, grads = [], []
+    for step in range(steps):
+        x = GPU.asarray(rng.standard_normal((8, 1, 16, 16)), dtype=dtype)
+        t = rng.integers(0, 1000, 8)
+        out = model.forward(x, t)
+        g = model.backward(out * 0.5 - x)
+        opt.step(g)
+        outs.append(to_numpy(out))
+        grads.append(to_numpy(g.flat))
+        if between is not None:
+            between(step)
+    return model, outs, grads, to_numpy(model.params.flat)
+
+
+def _graphed(model):
+    return [key for key, e in model._graphs.entries.items() if e.forward_graph is not None]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cuda_graph_training_steps_give_the_eager_steps_bits(dtype):
+    from minidiff import graphs_gpu
+    model, outs, grads, params = _train_steps(True, dtype)
+    assert _graphed(model) and all(e.backward_graph is not None for e in model._graphs.entries.values())
+    assert graphs_gpu.pool_bytes() > 0
+    _, outs0, grads0, params0 = _train_steps(False, dtype)
+    for step, (a, b, ga, gb) in enumerate(zip(outs, outs0, grads, grads0)):
+        np.testing.assert_array_equal(a, b, err_msg=f"output, step {step}")
+        np.testing.assert_array_equal(ga, gb, err_msg=f"gradients, step {step}")
+    np.testing.assert_array_equal(params, params0)
+
+
+def test_cuda_graphs_survive_the_scratch_buffers_being_dropped_and_reused():
+    import cupy
+    from minidiff import workspace
+    junk = []
+
+    def churn(step):   # drop every scratch buffer, then fill the freed memory with other arrays
+        workspace.clear()
+        junk.append(cupy.full(1 << 22, 7.0, dtype=np.float32))
+
+    _, outs, grads, params = _train_steps(True, steps=5, between=churn)
+    _, outs0, grads0, params0 = _train_steps(False, steps=5)
+    np.testing.assert_array_equal(params, params0)
+    np.testing.assert_array_equal(grads[-1], grads0[-1])
+
+
+def test_cuda_graph_sampling_gives_the_eager_samples_bits():
+    schedule = make_schedule("linear", 1000)
+    samples = []
+    for graphs in (True, False):
+        model = UNet(**SMALL_UNET, seed=3, device=GPU)
+        model.set_cuda_graphs(graphs)
+        fn = lambda x, t: model.forward(x, t, cache=False)  # noqa: E731
+        samples.append(to_numpy(ddim_sample(fn, schedule, (4, 1, 16, 16), num_steps=6, backend=GPU, seed=2)))
+        assert bool(_graphed(model)) == graphs if graphs else model._graphs is None
+    np.testing.assert_array_equal(*samples)
+
+
+def test_a_graphed_backward_runs_once_per_forward():
+    model, *_ = _train_steps(True, steps=3)
+    with pytest.raises(RuntimeError, match="backward needs a forward"):
+        model.backward(GPU.xp.zeros((8, 1, 16, 16), dtype=np.float32))
+
+
+def test_a_failed_capture_turns_graphs_off_and_the_step_runs_eagerly(monkeypatch):
+    import cupy
+    from minidiff import backend
+    monkeypatch.setattr(backend.cublas_gpu, "matmul", lambda xp, a, b, out=None: cupy.matmul(a, b, out=out))
+    with pytest.warns(RuntimeWarning, match="CUDA graphs are off"):
+        model, outs, grads, params = _train_steps(True)
+    assert model._graphs is None
+    _, outs0, grads0, params0 = _train_steps(False)
+    np.testing.assert_allclose(params, params0, rtol=1e-5, atol=1e-6)   # cupy.matmul's products, not ours
+
+
+def test_training_with_cuda_graphs_gives_the_eager_runs_bits(monkeypatch, tmp_path):
+    from minidiff import graphs_gpu
+    from minidiff.config import TrainConfig
+    from minidiff.train import Trainer
+    config = TrainConfig(dataset="digits", model="unet", batch_size=16, steps=5, timesteps=100, device="gpu",
+                         model_options=dict(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), groups=4))
+    params = []
+    for enabled in (True, False):
+        monkeypatch.setattr(graphs_gpu, "ENABLED", enabled)
+        trainer = Trainer(config)
+        for _ in range(5):
+            trainer.train_step()
+        assert (trainer.model._graphs is not None and bool(_graphed(trainer.model))) == enabled
+        params.append(to_numpy(trainer.model.params.flat))
+    np.testing.assert_array_equal(*params)

@@ -1,0 +1,150 @@
+"""CUDA graphs for a model's forward and backward on CuPy: each pass's ~450 launches replayed by one graph launch.
+
+Why: on a GPU a training step of the digits UNet is ~900 launches carrying ~3 ms of device work, and the host's
+25-30 us per launch, not the GPU, sets the step's time (BENCHMARKS.md). A CUDA graph records the launches once and
+replays them without the host.
+
+How, per input shape, dtype and cache flag (an `_Entry`):
+1. the first call runs eagerly: CuPy compiles its kernels, the layers make their constants and scratch buffers;
+2. the next captures the same code on a capture stream, reading its inputs from static device buffers and drawing
+   every allocation from a memory pool of the entry's own: activations, caches and outputs then have the same
+   addresses on every replay, and nothing outside the entry's graphs is ever handed that memory;
+3. every later call copies its inputs into the static buffers, launches the graph on the current stream and returns
+   a copy of the static output (a new array, like an eager call).
+A forward with cache=True arms its entry's backward graph: the next model.backward(dout) copies dout in and replays
+it (captured the first time, from the tape the forward's capture left). Training needs one eager step to warm up.
+
+What a graph must not see change: anything read from the host, or a host scalar, at capture. The network reads only
+device arrays: the parameters (updated in place by the optimizer), the static inputs, t (its embedding is computed
+on the device, `Denoiser._timesteps`) and the layers' scratch and constant buffers, which each entry keeps alive
+(`workspace.held_buffers`) so that a buffer replaced or dropped later is not freed under the graph. The products go
+to cuBLAS through minidiff.cublas_gpu, since CuPy refuses cuBLAS calls during a capture.
+
+A capture that fails turns graphs off for that model with a warning, and the call runs eagerly. Off everywhere with
+MINIDIFF_CUDA_GRAPHS=0 (or graphs_gpu.ENABLED = False before a model is built); `Denoiser.set_cuda_graphs`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+
+import numpy as np
+
+from .flat import FlatArrays
+from .workspace import held_buffers
+
+ENABLED = os.environ.get("MINIDIFF_CUDA_GRAPHS", "1") != "0"
+MAX_ENTRIES = 4   # input shapes with graphs per model (training, sampling, a probe's batch); others run eagerly
+_LIVE = weakref.WeakSet()
+
+
+def pool_bytes() -> int:
+    """Device memory held by the graphs' own pools (activations, caches, outputs), over every live model."""
+    return sum(entry.pool.total_bytes() for graphs in list(_LIVE) for entry in graphs.entries.values())
+
+
+class _Entry:
+    """The graphs of one input signature: static inputs, a private memory pool, the graphs and their outputs."""
+
+    def __init__(self, xp, x, t):
+        self.x, self.t = xp.empty_like(x), xp.empty(t.shape, dtype=t.dtype)
+        self.pool = xp.cuda.MemoryPool()
+        self.forward_warm = self.backward_warm = False
+        self.forward_graph = self.backward_graph = None
+        self.out = self.tape = self.run = self.dout = self.grads = None
+        self.held = []
+
+    def load(self, x, t):
+        self.x[...] = x
+        if isinstance(t, np.ndarray):
+            self.t.set(np.ascontiguousarray(t, dtype=self.t.dtype))
+        else:
+            self.t[...] = t
+
+
+class ModelGraphs:
+    """The CUDA graphs of one model; Denoiser routes forward and backward through `forward` and `backward`."""
+
+    def __init__(self, model):
+        self.model, self.xp = model, model.backend.xp
+        self.entries = {}
+        self.armed = None    # (entry or None, "eager" | "graph"): the last forward with cache=True, for backward
+        self.stream = None
+        _LIVE.add(self)
+
+    def forward(self, x, t, cache, run):
+        """run(x, t) -> the model's eager forward output; the same, from a graph once the signature is warm."""
+        key = (tuple(x.shape), x.dtype.str, tuple(t.shape), np.dtype(t.dtype).str, bool(cache))
+        entry = self.entries.get(key)
+        if entry is None and len(self.entries) < MAX_ENTRIES:
+            entry = self.entries[key] = _Entry(self.xp, x, t)
+        if entry is None or not entry.forward_warm or (cache and not entry.backward_warm):
+            out = run(x, t)
+            if entry is not None:
+                entry.forward_warm = True
+            if cache:
+                self.armed = (entry, "eager")
+            return out
+        entry.load(x, t)
+        if entry.forward_graph is None:
+            try:
+                entry.out, entry.forward_graph = self._capture(entry, lambda: run(entry.x, entry.t))
+            except Exception as exc:   # noqa: BLE001  (any refusal: fall back, say why)
+                self._give_up(exc)
+                return run(x, t)
+            entry.tape, entry.run = (self.model._tape if cache else None), run
+        entry.forward_graph.launch()
+        if cache:
+            self.armed = (entry, "graph")
+        return entry.out.copy()
+
+    def backward(self, dout, run_backward):
+        """run_backward(dout) -> the model's eager gradients; the same, from the armed entry's backward graph."""
+        armed, self.armed = self.armed, None
+        if armed is None or armed[1] == "eager":
+            grads = run_backward(dout)   # with nothing armed, the eager path says what is missing
+            if armed is not None and armed[0] is not None:
+                armed[0].backward_warm = True
+            return grads
+        entry = armed[0]
+        if tuple(dout.shape) != tuple(entry.out.shape):
+            raise ValueError(f"dout has shape {dout.shape}, the forward's output {entry.out.shape}")
+        if entry.dout is None:
+            entry.dout = self.xp.empty(entry.out.shape, dtype=dout.dtype)
+        entry.dout[...] = dout
+        if entry.backward_graph is None:
+            self.model._tape, entry.tape = entry.tape, None
+            try:
+                entry.grads, entry.backward_graph = self._capture(entry, lambda: run_backward(entry.dout))
+            except Exception as exc:   # noqa: BLE001
+                self._give_up(exc)   # the tape is spent: the forward runs again, eagerly, on its static inputs
+                entry.run(entry.x, entry.t)
+                return run_backward(dout)
+        entry.backward_graph.launch()
+        grads = entry.grads
+        if isinstance(grads, FlatArrays):
+            return grads.like(grads.flat.copy())
+        return {name: g.copy() for name, g in grads.items()}
+
+    def _capture(self, entry, fn):
+        """(fn(), the CUDA graph of the launches fn made) with fn's allocations from the entry's pool."""
+        xp = self.xp
+        if self.stream is None:
+            self.stream = xp.cuda.Stream(non_blocking=True)
+        with xp.cuda.using_allocator(entry.pool.malloc), self.stream:
+            self.stream.begin_capture()
+            try:
+                result = fn()
+            finally:
+                graph = self.stream.end_capture()
+        entry.held.append(held_buffers())
+        xp.get_default_memory_pool().free_all_blocks()   # what the eager warm-up cached: the graph has its own now
+        return result, graph
+
+    def _give_up(self, exc):
+        warnings.warn(f"CUDA graphs are off for this model: a capture failed ({type(exc).__name__}: {exc}); "
+                      "running eagerly", RuntimeWarning, stacklevel=3)
+        self.model._graphs = None
+        _LIVE.discard(self)
