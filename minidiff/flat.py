@@ -62,8 +62,22 @@ class FlatArrays(dict):
 
 def gather(layout: FlatArrays, arrays: dict, xp) -> FlatArrays:
     """`arrays` (the names and shapes of `layout`) copied end to end into a new buffer laid out like `layout`, in its
-    dtype: one concatenation (on a GPU a single kernel) instead of a copy per array."""
-    return layout.like(xp.concatenate([arrays[name].reshape(-1) for name in layout], dtype=layout.flat.dtype))
+    dtype: one concatenation (on a GPU a single kernel) instead of a copy per array.
+
+    Except while a CUDA graph captures (minidiff.graphs_gpu): CuPy's concatenation of many arrays sends their
+    pointers from the host, which a capture refuses, so there each array is copied into its span (the same bits; in
+    a graph, launches cost no host time)."""
+    if not _capturing(xp):
+        return layout.like(xp.concatenate([arrays[name].reshape(-1) for name in layout], dtype=layout.flat.dtype))
+    flat = xp.empty(layout.flat.shape, dtype=layout.flat.dtype)
+    for name, (a, b) in layout.spans.items():
+        flat[a:b] = arrays[name].reshape(-1)
+    return layout.like(flat)
+
+
+def _capturing(xp) -> bool:
+    cuda = getattr(xp, "cuda", None)
+    return cuda is not None and cuda.get_current_stream().is_capturing()
 
 
 def total_size(shapes: dict) -> int:

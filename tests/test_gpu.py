@@ -276,7 +276,8 @@ def test_cuda_graphs_survive_the_scratch_buffers_being_dropped_and_reused():
         workspace.clear()
         junk.append(cupy.full(1 << 22, 7.0, dtype=np.float32))
 
-    _, outs, grads, params = _train_steps(True, steps=5, between=churn)
+    model, outs, grads, params = _train_steps(True, steps=5, between=churn)
+    assert model._graphs is not None and all(e.backward_graph is not None for e in model._graphs.entries.values())
     _, outs0, grads0, params0 = _train_steps(False, steps=5)
     np.testing.assert_array_equal(params, params0)
     np.testing.assert_array_equal(grads[-1], grads0[-1])
@@ -296,6 +297,7 @@ def test_cuda_graph_sampling_gives_the_eager_samples_bits():
 
 def test_a_graphed_backward_runs_once_per_forward():
     model, *_ = _train_steps(True, steps=3)
+    assert _graphed(model)
     with pytest.raises(RuntimeError, match="backward needs a forward"):
         model.backward(GPU.xp.zeros((8, 1, 16, 16), dtype=np.float32))
 
