@@ -33,9 +33,10 @@ def _memory_mark(backend, impl):
     clear_refs is refused, ru_maxrss is both (then an earlier, higher peak could hide the step's). Our worker
     processes (minidiff.procs) add their private memory (`Denoiser.worker_memory_mib`): what they allocated and
     the pre-fork pages they keep once the parent has written to its copy.
-    GPU: the caching allocators' reserved bytes, emptied of cached blocks first: CuPy's default pool total (the
-    pool only grows, so its size is its peak) plus the CUDA graphs' own pools and the cuBLAS workspace, and
-    torch.cuda.max_memory_reserved.
+    GPU: the caching allocators' reserved bytes, emptied of cached blocks first: for ours, the peak of CuPy's
+    default pool plus the CUDA graphs' own pools (`graphs_gpu.peak_reserved_bytes`: the pools only grow, except
+    where a capture hands the default pool's cached blocks back, and the total just before that counts too) plus
+    the cuBLAS workspace; torch.cuda.max_memory_reserved for PyTorch.
     """
     if backend.name == "cupy":
         backend.synchronize()
@@ -45,9 +46,9 @@ def _memory_mark(backend, impl):
             torch.cuda.reset_peak_memory_stats()
             read = torch.cuda.max_memory_reserved
         else:
-            pool = backend.xp.get_default_memory_pool()
-            pool.free_all_blocks()
-            read = lambda: pool.total_bytes() + graphs_gpu.pool_bytes() + cublas_gpu.workspace_bytes()  # noqa: E731
+            backend.xp.get_default_memory_pool().free_all_blocks()
+            graphs_gpu.reset_peak()
+            read = lambda: graphs_gpu.peak_reserved_bytes(backend.xp) + cublas_gpu.workspace_bytes()  # noqa: E731
         return (lambda: (backend.synchronize(), read() / 2 ** 20)[1]), read() / 2 ** 20
     try:
         with open("/proc/self/clear_refs", "w") as f:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import threading
 
 import numpy as np
 
@@ -123,10 +124,12 @@ _INSTANCE = {}
 
 
 def _cublas(cupy):
-    dev = cupy.cuda.get_device_id()
-    if dev not in _INSTANCE:
-        _INSTANCE[dev] = _Cublas(cupy)
-    return _INSTANCE[dev]
+    """The handle of this thread and device: a handle follows one current stream at a time, and CuPy's current
+    stream is per thread (trainers in threads, as a sweep runs them, must not swap each other's streams)."""
+    key = (cupy.cuda.get_device_id(), threading.get_ident())
+    if key not in _INSTANCE:
+        _INSTANCE[key] = _Cublas(cupy)
+    return _INSTANCE[key]
 
 
 def _library_path():
@@ -149,7 +152,7 @@ def _check(status, what):
 
 
 def workspace_bytes() -> int:
-    """Device memory held by the cuBLAS workspaces (one per device used)."""
+    """Device memory held by the cuBLAS workspaces (one per device and thread that made a product)."""
     return WORKSPACE_BYTES * len(_INSTANCE)
 
 

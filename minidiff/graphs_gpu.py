@@ -40,9 +40,27 @@ MAX_ENTRIES = 4   # input shapes with graphs per model (training, sampling, a pr
 _LIVE = weakref.WeakSet()
 
 
+_HIGH_WATER = [0]   # CuPy's pools' total just before a capture handed the default pool's cache back
+
+
 def pool_bytes() -> int:
     """Device memory held by the graphs' own pools (activations, caches, outputs), over every live model."""
     return sum(entry.pool.total_bytes() for graphs in list(_LIVE) for entry in graphs.entries.values())
+
+
+def reserved_bytes(xp) -> int:
+    """Device memory CuPy's pools hold now: the default pool's and the graphs'."""
+    return xp.get_default_memory_pool().total_bytes() + pool_bytes()
+
+
+def peak_reserved_bytes(xp) -> int:
+    """The most `reserved_bytes` held since `reset_peak`: now, or just before a capture freed the default pool's
+    cached blocks (the pools only grow in between)."""
+    return max(reserved_bytes(xp), _HIGH_WATER[0])
+
+
+def reset_peak() -> None:
+    _HIGH_WATER[0] = 0
 
 
 class _Entry:
@@ -133,6 +151,10 @@ class ModelGraphs:
         xp = self.xp
         if self.stream is None:
             self.stream = xp.cuda.Stream(non_blocking=True)
+        # what the eager warm-up left cached goes back to the device first, so that the graph's pool does not add to
+        # it: the peak stays the larger of the eager step's and the graphs'
+        _HIGH_WATER[0] = max(_HIGH_WATER[0], reserved_bytes(xp))
+        xp.get_default_memory_pool().free_all_blocks()
         with xp.cuda.using_allocator(entry.pool.malloc), self.stream:
             self.stream.begin_capture()
             try:
@@ -140,7 +162,6 @@ class ModelGraphs:
             finally:
                 graph = self.stream.end_capture()
         entry.held.append(held_buffers())
-        xp.get_default_memory_pool().free_all_blocks()   # what the eager warm-up cached: the graph has its own now
         return result, graph
 
     def _give_up(self, exc):

@@ -328,3 +328,16 @@ def test_training_with_cuda_graphs_gives_the_eager_runs_bits(monkeypatch, tmp_pa
         assert (trainer.model._graphs is not None and bool(_graphed(trainer.model))) == enabled
         params.append(to_numpy(trainer.model.params.flat))
     np.testing.assert_array_equal(*params)
+
+
+def test_the_memory_peak_counts_what_the_eager_warm_up_held_before_a_capture_freed_it():
+    from minidiff import graphs_gpu
+    GPU.xp.get_default_memory_pool().free_all_blocks()
+    graphs_gpu.reset_peak()
+    model = UNet(**SMALL_UNET, seed=3, device=GPU)
+    x = GPU.asarray(np.ones((8, 1, 16, 16)), dtype=np.float32)
+    model.forward(x, np.arange(8), cache=False)        # eager: its activations stay cached in the default pool
+    eager = graphs_gpu.reserved_bytes(GPU.xp)
+    model.forward(x, np.arange(8), cache=False)        # the capture hands them back first
+    assert graphs_gpu.reserved_bytes(GPU.xp) < eager + graphs_gpu.pool_bytes()
+    assert graphs_gpu.peak_reserved_bytes(GPU.xp) >= eager
