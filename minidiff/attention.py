@@ -53,11 +53,11 @@ def attention_forward(qkv, num_heads):
     tokens = qkv.reshape(N, H * W, C3)
     q, k, v = (_heads(tokens[:, :, i * C:(i + 1) * C], num_heads) for i in range(3))   # (N, heads, L, d) views
     scale = 1.0 / math.sqrt(d)
-    s = matmul(q, k.transpose(0, 1, 3, 2))            # (N, heads, L, L): s[i, j] = q_i . k_j
+    s = matmul(q, k.transpose(0, 1, 3, 2))               # (N, heads, L, L): s[i, j] = q_i . k_j
     s *= scale
     p, _ = softmax_forward(s)                             # each query position i: weights over key positions j
     out = xp.empty((N, H * W, C), dtype=qkv.dtype)
-    _heads(out, num_heads)[...] = matmul(p, v)         # out_i = sum_j p[i, j] v_j, heads side by side
+    _heads(out, num_heads)[...] = matmul(p, v)            # out_i = sum_j p[i, j] v_j, heads side by side
     return out.reshape(N, H, W, C), (q, k, v, p, scale)
 
 

@@ -154,6 +154,16 @@ def is_cupy_module(xp) -> bool:
     return getattr(xp, "__name__", "") == "cupy"
 
 
+class CaptureNeedsWarmUp(RuntimeError):
+    """Raised inside a CUDA graph capture by code that would make something lasting (a scratch buffer, a constant):
+    such work must run eagerly, so the graph's owner runs the call eagerly and captures it the next time."""
+
+
+def is_capturing(xp) -> bool:
+    """Whether `xp` is CuPy and its current stream is capturing a CUDA graph (minidiff.graphs_gpu)."""
+    return is_cupy_module(xp) and xp.cuda.get_current_stream().is_capturing()
+
+
 def matmul(a, b, out=None):
     """a @ b (NumPy's matmul, into `out` when given) on any backend. On CuPy the product goes to cuBLAS directly
     (minidiff.cublas_gpu), where a CUDA graph can capture it; the layers call this, never xp.matmul."""

@@ -36,7 +36,8 @@ def _memory_mark(backend, impl):
     GPU: the caching allocators' reserved bytes, emptied of cached blocks first: for ours, the peak of CuPy's
     default pool plus the CUDA graphs' own pools (`graphs_gpu.peak_reserved_bytes`: the pools only grow, except
     where a capture hands the default pool's cached blocks back, and the total just before that counts too) plus
-    the cuBLAS workspace; torch.cuda.max_memory_reserved for PyTorch.
+    the cuBLAS workspaces (made in the warm-up, so in the baseline, like PyTorch's); torch.cuda.max_memory_reserved
+    for PyTorch.
     """
     if backend.name == "cupy":
         backend.synchronize()

@@ -4,8 +4,10 @@ Why: a training step on a GPU is ~900 launches of ~3 ms of work in all, and the 
 sets its time (BENCHMARKS.md). Replaying the step's forward and backward as CUDA graphs (minidiff.graphs_gpu) removes
 that cost, but CuPy refuses every cuBLAS call while a stream captures (`cupy_backends.cuda.libs.cublas.setStream`
 raises NotImplementedError, cupy/cupy#6290) although cuBLAS itself supports capture. So the products go to cuBLAS
-here, on a handle of our own with a workspace of our own (cuBLAS must not allocate during a capture), in eager runs
-and captures alike, which keeps a replayed graph's results bit for bit those of the eager step.
+here, on a handle of our own with a workspace of our own, in eager runs and captures alike. The workspace is set
+again after every change of stream (cublasSetStream resets it to cuBLAS's default, which cuBLAS would then allocate
+per stream, inside a capture too), and one workspace on every stream is also what cuBLAS requires for bitwise equal
+results across streams: a replayed graph gives the eager step's bits.
 
 cuBLAS is column-major; a row-major C = A B is computed as the column-major C^T = B^T A^T, and a row-major matrix's
 memory read column-major is its transpose, so row-major operands go in untransposed (op N) and column-major ones
@@ -19,11 +21,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import os
 import threading
 
 import numpy as np
 
 OP_N, OP_T = 0, 1
+_TF32_TENSOR_OP_MATH = 3   # cublasMath_t
 WORKSPACE_BYTES = 8 << 20   # cuBLAS's own guidance for Hopper is up to 32 MiB; these products are small
 _FUNCTIONS = {np.dtype(np.float32): ("cublasSgemm_v2", "cublasSgemmStridedBatched", ctypes.c_float),
               np.dtype(np.float64): ("cublasDgemm_v2", "cublasDgemmStridedBatched", ctypes.c_double)}
@@ -87,13 +91,14 @@ class _Cublas:
     """One cuBLAS handle (per process and device) with its own workspace, and the gemm entry points."""
 
     def __init__(self, cupy):
-        self.lib = lib = ctypes.CDLL(_library_path())
+        self.lib = lib = ctypes.CDLL(_library_path(cupy))
         handle = ctypes.c_void_p()
         _check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
         self.handle = handle
         self.workspace = cupy.cuda.runtime.malloc(WORKSPACE_BYTES)   # outside CuPy's pool: never handed elsewhere
-        _check(lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(self.workspace), ctypes.c_size_t(WORKSPACE_BYTES)),
-               "cublasSetWorkspace")
+        self._set_workspace()
+        if os.environ.get("CUPY_TF32", "0") != "0":   # what CuPy's own products do then
+            _check(lib.cublasSetMathMode(handle, _TF32_TENSOR_OP_MATH), "cublasSetMathMode")
         self.stream = None
         self.cupy = cupy
         self.one = {dt: f[2](1.0) for dt, f in _FUNCTIONS.items()}
@@ -106,9 +111,12 @@ class _Cublas:
                 [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_longlong, ctypes.c_int]
 
     def gemm(self, dtype, opb, opa, n, m, k, b, ldb, sb, a, lda, sa, c, ldc, sc, count):
+        """C = op(B') op(A') in cuBLAS's column-major terms (see gemm_args), on the current stream; pointers as
+        ints, strided-batched when count > 1."""
         stream = self.cupy.cuda.get_current_stream().ptr
         if stream != self.stream:   # the handle follows the current stream (a capture's, then the default)
             _check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream)), "cublasSetStream")
+            self._set_workspace()   # cublasSetStream has just put cuBLAS's default workspace back
             self.stream = stream
         gemm, batched, _ = _FUNCTIONS[dtype]
         one, zero = ctypes.byref(self.one[dtype]), ctypes.byref(self.zero[dtype])
@@ -117,7 +125,11 @@ class _Cublas:
         else:
             status = getattr(self.lib, batched)(self.handle, opb, opa, n, m, k, one, b, ldb, sb, a, lda, sa, zero,
                                                 c, ldc, sc, count)
-        _check(status, gemm)
+        _check(status, gemm if count == 1 else batched)
+
+    def _set_workspace(self):
+        _check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(self.workspace),
+                                              ctypes.c_size_t(WORKSPACE_BYTES)), "cublasSetWorkspace")
 
 
 _INSTANCE = {}
@@ -132,14 +144,19 @@ def _cublas(cupy):
     return _INSTANCE[key]
 
 
-def _library_path():
-    """The libcublas CuPy itself loaded (whatever CUDA it was built for), else the one the loader finds."""
-    import cupy_backends.cuda.libs.cublas  # noqa: F401  (loads libcublas into the process)
-    with open("/proc/self/maps") as f:
-        for line in f:
-            path = line.split()[-1]
-            if "/libcublas.so" in path:
-                return path
+def _library_path(cupy):
+    """The libcublas CuPy itself loaded, of the CUDA major version CuPy runs (PyTorch may have mapped another), else
+    the one the loader finds."""
+    getattr(cupy.cuda, "cublas")   # CuPy loads libcublas on first use of its wrapper
+    major = cupy.cuda.runtime.runtimeGetVersion() // 1000
+    try:
+        with open("/proc/self/maps") as f:
+            paths = [line.split()[-1] for line in f if "/libcublas.so" in line]
+    except OSError:
+        paths = []
+    for path in paths:
+        if os.path.basename(path).startswith(f"libcublas.so.{major}"):
+            return path
     found = ctypes.util.find_library("cublas")
     if found is None:
         raise OSError("libcublas not found")
@@ -147,6 +164,7 @@ def _library_path():
 
 
 def _check(status, what):
+    """RuntimeError for a cuBLAS call that did not return CUBLAS_STATUS_SUCCESS (0)."""
     if status != 0:
         raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
@@ -167,8 +185,9 @@ def matmul(cupy, a, b, out=None):
     shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), m, b.shape[-1])
     if out is not None and tuple(out.shape) != shape:
         raise ValueError(f"matmul: out has shape {out.shape}, the product {shape}")
-    c = out if out is not None and out.flags.c_contiguous and out.dtype == a.dtype else \
-        cupy.empty(shape, dtype=a.dtype)
+    direct = out is not None and out.flags.c_contiguous and out.dtype == a.dtype and not (
+        cupy.may_share_memory(out, a) or cupy.may_share_memory(out, b))   # cuBLAS would read what it writes
+    c = out if direct else cupy.empty(shape, dtype=a.dtype)
     if c.size:
         if k == 0:
             c.fill(0)

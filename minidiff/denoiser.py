@@ -79,9 +79,10 @@ class Denoiser:
         """On CuPy, replay forward and backward as CUDA graphs after a warm-up call (minidiff.graphs_gpu; on by
         default, MINIDIFF_CUDA_GRAPHS=0 turns it off); elsewhere nothing changes. Turning it off drops the graphs."""
         on = enabled and self.backend.name == "cupy" and self.splits_batch
-        if not on:
-            self._graphs = None
-        elif self._graphs is None:
+        if not on and self._graphs is not None:
+            graphs, self._graphs = self._graphs, None
+            graphs.close()   # a replayed forward awaiting its backward is run again eagerly
+        elif on and self._graphs is None:
             self._graphs = graphs_gpu.ModelGraphs(self)
 
     def _init_params(self, specs):
@@ -120,7 +121,7 @@ class Denoiser:
         """forward_images(x_part, t_part, tape_part) -> output part, over parts of the batch; the outputs joined.
         Replayed from a CUDA graph where the model has them (set_cuda_graphs)."""
         if self._graphs is not None:
-            return self._graphs.forward(x, t, cache, lambda x, t: self._forward_parts(x, t, cache, forward_images))
+            return self._graphs.forward(x, t, cache, forward_images)
         return self._forward_parts(x, t, cache, forward_images)
 
     def _forward_parts(self, x, t, cache, forward_images):
@@ -142,7 +143,7 @@ class Denoiser:
         """backward_images(dout_part, tape_part) -> {name: gradient} per part, summed in part order. Replayed from
         a CUDA graph where the model has them."""
         if self._graphs is not None:
-            return self._graphs.backward(dout, lambda d: self._backward_parts(d, backward_images))
+            return self._graphs.backward(dout, backward_images)
         return self._backward_parts(dout, backward_images)
 
     def _backward_parts(self, dout, backward_images):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+from .backend import is_capturing
+
 
 class FlatArrays(dict):
     """dict name -> array, each a C-contiguous view of `flat[start:stop]` (consecutive, in dict order).
@@ -67,17 +69,12 @@ def gather(layout: FlatArrays, arrays: dict, xp) -> FlatArrays:
     Except while a CUDA graph captures (minidiff.graphs_gpu): CuPy's concatenation of many arrays sends their
     pointers from the host, which a capture refuses, so there each array is copied into its span (the same bits; in
     a graph, launches cost no host time)."""
-    if not _capturing(xp):
+    if not is_capturing(xp):
         return layout.like(xp.concatenate([arrays[name].reshape(-1) for name in layout], dtype=layout.flat.dtype))
     flat = xp.empty(layout.flat.shape, dtype=layout.flat.dtype)
     for name, (a, b) in layout.spans.items():
         flat[a:b] = arrays[name].reshape(-1)
     return layout.like(flat)
-
-
-def _capturing(xp) -> bool:
-    cuda = getattr(xp, "cuda", None)
-    return cuda is not None and cuda.get_current_stream().is_capturing()
 
 
 def total_size(shapes: dict) -> int:

@@ -20,8 +20,12 @@ on the device, `Denoiser._timesteps`) and the layers' scratch and constant buffe
 (`workspace.held_buffers`) so that a buffer replaced or dropped later is not freed under the graph. The products go
 to cuBLAS through minidiff.cublas_gpu, since CuPy refuses cuBLAS calls during a capture.
 
-A capture that fails turns graphs off for that model with a warning, and the call runs eagerly. Off everywhere with
-MINIDIFF_CUDA_GRAPHS=0 (or graphs_gpu.ENABLED = False before a model is built); `Denoiser.set_cuda_graphs`.
+Code that would make something lasting inside a capture (a scratch buffer, a constant: `workspace`) raises
+CaptureNeedsWarmUp instead; the call then runs eagerly, which makes it, and the next call captures. A capture that
+fails otherwise turns graphs off for that model with a warning, and the call runs eagerly. The entry's pool never
+returns memory to the device while the entry lives (not even when CuPy's pool, short of memory, frees its cached
+blocks): a graph keeps the addresses it was captured with. Off everywhere with MINIDIFF_CUDA_GRAPHS=0 (or
+graphs_gpu.ENABLED = False before a model is built); `Denoiser.set_cuda_graphs`.
 """
 
 from __future__ import annotations
@@ -32,20 +36,19 @@ import weakref
 
 import numpy as np
 
+from .backend import CaptureNeedsWarmUp
 from .flat import FlatArrays
 from .workspace import held_buffers
 
 ENABLED = os.environ.get("MINIDIFF_CUDA_GRAPHS", "1") != "0"
-MAX_ENTRIES = 4   # input shapes with graphs per model (training, sampling, a probe's batch); others run eagerly
+MAX_ENTRIES = 4   # input signatures with graphs per model (training, sampling, a probe's batch); others run eagerly
 _LIVE = weakref.WeakSet()
-
-
-_HIGH_WATER = [0]   # CuPy's pools' total just before a capture handed the default pool's cache back
+_HIGH_WATER = [0]   # CuPy's pools' total just before a capture handed the default pool's cached blocks back
 
 
 def pool_bytes() -> int:
     """Device memory held by the graphs' own pools (activations, caches, outputs), over every live model."""
-    return sum(entry.pool.total_bytes() for graphs in list(_LIVE) for entry in graphs.entries.values())
+    return sum(entry.nbytes() for graphs in list(_LIVE) for entry in graphs.entries.values())
 
 
 def reserved_bytes(xp) -> int:
@@ -60,69 +63,99 @@ def peak_reserved_bytes(xp) -> int:
 
 
 def reset_peak() -> None:
+    """Start a new `peak_reserved_bytes` measurement."""
     _HIGH_WATER[0] = 0
+
+
+def _lasting_pool(xp, blocks):
+    """A CuPy memory pool whose device memory stays allocated while `blocks` lives: every chunk it gets is kept
+    there, so the pool freeing its cached blocks (as CuPy's pools do when the device is short of memory) cannot hand
+    a captured graph's addresses back to the device."""
+    def allocate(size):
+        memory = xp.cuda.Memory(size)
+        blocks.append(memory)
+        return xp.cuda.MemoryPointer(memory, 0)
+    return xp.cuda.MemoryPool(allocate)
 
 
 class _Entry:
     """The graphs of one input signature: static inputs, a private memory pool, the graphs and their outputs."""
 
-    def __init__(self, xp, x, t):
+    def __init__(self, xp, x, t, forward_images):
         self.x, self.t = xp.empty_like(x), xp.empty(t.shape, dtype=t.dtype)
-        self.pool = xp.cuda.MemoryPool()
+        self.blocks = []
+        self.pool = _lasting_pool(xp, self.blocks)
+        self.forward_images = weakref.WeakMethod(forward_images)   # no reference back to the model
         self.forward_warm = self.backward_warm = False
         self.forward_graph = self.backward_graph = None
-        self.out = self.tape = self.run = self.dout = self.grads = None
+        self.out = self.tape = self.dout = self.grads = None
         self.held = []
 
     def load(self, x, t):
+        """Copy a call's inputs into the static buffers the graphs read (t from the host or the device)."""
         self.x[...] = x
         if isinstance(t, np.ndarray):
             self.t.set(np.ascontiguousarray(t, dtype=self.t.dtype))
         else:
             self.t[...] = t
 
+    def nbytes(self) -> int:
+        return sum(m.size for m in self.blocks)
+
 
 class ModelGraphs:
     """The CUDA graphs of one model; Denoiser routes forward and backward through `forward` and `backward`."""
 
     def __init__(self, model):
-        self.model, self.xp = model, model.backend.xp
+        self._model = weakref.ref(model)   # the model owns this object; no cycle, so its pools go with it
+        self.xp = model.backend.xp
         self.entries = {}
         self.armed = None    # (entry or None, "eager" | "graph"): the last forward with cache=True, for backward
         self.stream = None
         _LIVE.add(self)
 
-    def forward(self, x, t, cache, run):
-        """run(x, t) -> the model's eager forward output; the same, from a graph once the signature is warm."""
+    def forward(self, x, t, cache, forward_images):
+        """The model's forward (`Denoiser._forward_parts`): eager until the signature is warm, then from a graph."""
+        model = self._model()
+        if cache:
+            self.armed = None   # until this forward has succeeded, a backward has nothing to run
         key = (tuple(x.shape), x.dtype.str, tuple(t.shape), np.dtype(t.dtype).str, bool(cache))
         entry = self.entries.get(key)
         if entry is None and len(self.entries) < MAX_ENTRIES:
-            entry = self.entries[key] = _Entry(self.xp, x, t)
+            entry = self.entries[key] = _Entry(self.xp, x, t, forward_images)
         if entry is None or not entry.forward_warm or (cache and not entry.backward_warm):
-            out = run(x, t)
-            if entry is not None:
-                entry.forward_warm = True
-            if cache:
-                self.armed = (entry, "eager")
-            return out
+            return self._eager_forward(model, entry, x, t, cache, forward_images)
         entry.load(x, t)
         if entry.forward_graph is None:
             try:
-                entry.out, entry.forward_graph = self._capture(entry, lambda: run(entry.x, entry.t))
+                entry.out, entry.forward_graph = self._capture(
+                    entry, lambda: model._forward_parts(entry.x, entry.t, cache, forward_images))
+            except CaptureNeedsWarmUp:
+                return self._eager_forward(model, entry, x, t, cache, forward_images)
             except Exception as exc:   # noqa: BLE001  (any refusal: fall back, say why)
                 self._give_up(exc)
-                return run(x, t)
-            entry.tape, entry.run = (self.model._tape if cache else None), run
+                return model._forward_parts(x, t, cache, forward_images)
+            if cache:   # the capture's tape is the backward capture's; the model's eager path never sees it
+                entry.tape, model._tape = model._tape, None
         entry.forward_graph.launch()
         if cache:
             self.armed = (entry, "graph")
         return entry.out.copy()
 
-    def backward(self, dout, run_backward):
-        """run_backward(dout) -> the model's eager gradients; the same, from the armed entry's backward graph."""
+    def _eager_forward(self, model, entry, x, t, cache, forward_images):
+        out = model._forward_parts(x, t, cache, forward_images)
+        if entry is not None:
+            entry.forward_warm = True
+        if cache:
+            self.armed = (entry, "eager")
+        return out
+
+    def backward(self, dout, backward_images):
+        """The model's backward (`Denoiser._backward_parts`), from the armed entry's graph after a graphed forward."""
+        model = self._model()
         armed, self.armed = self.armed, None
         if armed is None or armed[1] == "eager":
-            grads = run_backward(dout)   # with nothing armed, the eager path says what is missing
+            grads = model._backward_parts(dout, backward_images)   # with nothing armed, this says what is missing
             if armed is not None and armed[0] is not None:
                 armed[0].backward_warm = True
             return grads
@@ -133,13 +166,17 @@ class ModelGraphs:
             entry.dout = self.xp.empty(entry.out.shape, dtype=dout.dtype)
         entry.dout[...] = dout
         if entry.backward_graph is None:
-            self.model._tape, entry.tape = entry.tape, None
+            model._tape, entry.tape = entry.tape, None
             try:
-                entry.grads, entry.backward_graph = self._capture(entry, lambda: run_backward(entry.dout))
+                entry.grads, entry.backward_graph = self._capture(
+                    entry, lambda: model._backward_parts(entry.dout, backward_images))
             except Exception as exc:   # noqa: BLE001
-                self._give_up(exc)   # the tape is spent: the forward runs again, eagerly, on its static inputs
-                entry.run(entry.x, entry.t)
-                return run_backward(dout)
+                # the tape is spent: the forward runs again, eagerly, on its static inputs, and is captured anew
+                entry.forward_graph = None
+                if not isinstance(exc, CaptureNeedsWarmUp):
+                    self._give_up(exc)
+                model._forward_parts(entry.x, entry.t, True, entry.forward_images())
+                return model._backward_parts(dout, backward_images)
         entry.backward_graph.launch()
         grads = entry.grads
         if isinstance(grads, FlatArrays):
@@ -164,8 +201,20 @@ class ModelGraphs:
         entry.held.append(held_buffers())
         return result, graph
 
+    def close(self) -> None:
+        """Drop the graphs. A forward replayed from a graph and not yet differentiated runs again, eagerly, on its
+        static inputs, so that the model's eager backward finds its tape."""
+        armed, self.armed = self.armed, None
+        _LIVE.discard(self)
+        model = self._model()
+        if model is not None and armed is not None and armed[1] == "graph":
+            entry = armed[0]
+            model._forward_parts(entry.x, entry.t, True, entry.forward_images())
+        self.entries = {}
+
     def _give_up(self, exc):
         warnings.warn(f"CUDA graphs are off for this model: a capture failed ({type(exc).__name__}: {exc}); "
-                      "running eagerly", RuntimeWarning, stacklevel=3)
-        self.model._graphs = None
-        _LIVE.discard(self)
+                      "running eagerly", RuntimeWarning, stacklevel=4)
+        model = self._model()
+        model._graphs = None
+        self.close()

@@ -21,7 +21,7 @@ import functools
 import math
 import threading
 
-from .backend import get_array_module
+from .backend import CaptureNeedsWarmUp, get_array_module, is_capturing
 
 _BUFFERS: dict = {}
 _TAGS: dict = {}       # scratch_kept: the tag each buffer was last handed out under
@@ -47,6 +47,8 @@ def scratch_kept(name, shape, like, tag):
     buf = _BUFFERS.get(key)
     if buf is None or buf.size < size:
         xp = get_array_module(like)
+        if is_capturing(xp):   # from the graph's pool, it would die with the graph while kept here
+            raise CaptureNeedsWarmUp(f"scratch buffer {name!r} of {size} elements")
         buf = xp.empty(max(size, 1), dtype=like.dtype)
         _BUFFERS[key] = buf
         _TAGS.pop(key, None)
@@ -61,7 +63,10 @@ def constant(key, like, build):
     full = (key, type(like), _device(like), like.dtype.str)
     value = _CONSTANTS.get(full)
     if value is None:
-        value = _CONSTANTS[full] = build(get_array_module(like), like.dtype)
+        xp = get_array_module(like)
+        if is_capturing(xp):   # captured, build's kernels would only run when the graph is launched
+            raise CaptureNeedsWarmUp(f"constant {key!r}")
+        value = _CONSTANTS[full] = build(xp, like.dtype)
     return value
 
 

@@ -92,6 +92,24 @@ def test_conv2d_nhwc_ignores_what_earlier_calls_left_in_scratch(cpu_backend, tin
         np.testing.assert_array_equal(got, want)
 
 
+def test_inside_a_cuda_graph_capture_new_scratch_and_constants_are_refused_and_existing_ones_served(monkeypatch):
+    from minidiff import workspace
+    from minidiff.backend import CaptureNeedsWarmUp
+    like = np.zeros(1, dtype=np.float32)
+    kept = workspace.scratch("test.capture", (4, 4), like)
+    ones = workspace.ones_row(5, like)
+    monkeypatch.setattr(workspace, "is_capturing", lambda xp: True)   # as during minidiff.graphs_gpu's capture
+    assert workspace.scratch("test.capture", (2, 8), like).base is kept.base   # fits: the same buffer
+    assert workspace.ones_row(5, like) is ones
+    with pytest.raises(CaptureNeedsWarmUp, match="test.capture"):
+        workspace.scratch("test.capture", (5, 5), like)                # would grow it
+    with pytest.raises(CaptureNeedsWarmUp, match="scratch buffer"):
+        workspace.scratch("test.capture.new", (1,), like)
+    with pytest.raises(CaptureNeedsWarmUp, match="constant"):
+        workspace.ones_row(6, like)
+    assert workspace.scratch("test.capture", (2, 8), like).base is kept.base   # nothing was replaced
+
+
 @pytest.mark.parametrize("silu", [False, True])
 def test_group_norm_nhwc_of_a_transposed_view_equals_that_of_its_contiguous_copy(cpu_backend, tiny_chunks, silu):
     """A channels-last view of an NCHW array (not C-contiguous) normalises like its contiguous copy."""

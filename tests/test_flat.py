@@ -182,3 +182,16 @@ def test_gathered_gradients_take_the_layouts_dtype_and_runs_cast_flat_gradients_
         build_optimizer("adam", params).step(wide if flat64 else grads)
         results.append(params.flat.copy())
     np.testing.assert_array_equal(results[1], results[0])
+
+
+def test_gather_while_a_cuda_graph_captures_copies_span_by_span_to_the_same_bits(monkeypatch):
+    from minidiff import flat
+    rng = np.random.default_rng(0)
+    shapes = {"a": (3, 4), "b": (5,), "c": (2, 2, 2)}
+    layout = FlatArrays(shapes, np.zeros(total_size(shapes), dtype=np.float32))
+    arrays = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    want = gather(layout, arrays, np)
+    monkeypatch.setattr(flat, "is_capturing", lambda xp: True)
+    got = gather(layout, arrays, np)
+    assert layout.same_layout(got) and got.flat.dtype == np.float32
+    np.testing.assert_array_equal(got.flat, want.flat)
