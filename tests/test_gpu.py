@@ -272,9 +272,10 @@ def test_cuda_graphs_survive_the_scratch_buffers_being_dropped_and_reused():
     from minidiff import workspace
     junk = []
 
-    def churn(step):   # drop every scratch buffer, then fill the freed memory with other arrays
-        workspace.clear()
-        junk.append(cupy.full(1 << 22, 7.0, dtype=np.float32))
+    def churn(step):   # once captured (step 1), drop every scratch buffer, then fill the freed memory with others
+        if step >= 1:
+            workspace.clear()
+            junk.append(cupy.full(1 << 22, 7.0, dtype=np.float32))
 
     model, outs, grads, params = _train_steps(True, steps=5, between=churn)
     assert model._graphs is not None and all(e.backward_graph is not None for e in model._graphs.entries.values())
