@@ -14,19 +14,16 @@ import numpy as np
 
 from .backend import elementwise_kernel
 
-# IDX: the index type, unsigned 32-bit where the columns have fewer than 2^31 elements: a GPU divides 32-bit integers
-# several times faster than 64-bit ones, and these five divisions per element, not the copying, set the kernel's time
-# (59 us a call, 18% of a 32x32 step's device time, with 64-bit indices)
 _IM2COL = """
-IDX r = (IDX)i;
-const int c = r % (IDX)C; r /= (IDX)C;
-const int j = r % (IDX)kw; r /= (IDX)kw;
-const int a = r % (IDX)kh; r /= (IDX)kh;
-const int wo = r % (IDX)Wo; r /= (IDX)Wo;
-const int ho = r % (IDX)Ho; r /= (IDX)Ho;
+ptrdiff_t r = i;
+const int c = r % C; r /= C;
+const int j = r % kw; r /= kw;
+const int a = r % kh; r /= kh;
+const int wo = r % Wo; r /= Wo;
+const int ho = r % Ho; r /= Ho;
 const int y = ho * stride - ph + a;
 const int z = wo * stride - pw + j;
-cols = (y >= 0 && y < H && z >= 0 && z < W) ? x[(((ptrdiff_t)r * H + y) * W + z) * C + c] : (T)0;
+cols = (y >= 0 && y < H && z >= 0 && z < W) ? x[((r * H + y) * W + z) * C + c] : (T)0;
 """
 _PARAMS = "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw, int32 stride, int32 ph, int32 pw"
 
@@ -35,7 +32,6 @@ def im2col(xp, x, cols, stride, ph, pw):
     """Fill `cols` (n, Ho, Wo, kh, kw, C), C-contiguous, with the patches of x (n, H, W, C); returns cols."""
     n, H, W, C = x.shape
     _, Ho, Wo, kh, kw, _ = cols.shape
-    idx, name = ("unsigned int", "minidiff_im2col") if cols.size < 2 ** 31 else ("ptrdiff_t", "minidiff_im2col_64")
-    kernel = elementwise_kernel(xp, _PARAMS, "T cols", _IM2COL.replace("IDX", idx), name)
+    kernel = elementwise_kernel(xp, _PARAMS, "T cols", _IM2COL, "minidiff_im2col")
     kernel(xp.ascontiguousarray(x), *(np.int32(v) for v in (H, W, C, Ho, Wo, kh, kw, stride, ph, pw)), cols)
     return cols
