@@ -128,17 +128,33 @@ def test_cli_gpu_without_cupy_is_exit_code_2_and_one_line():
     assert result.output.strip().splitlines()[-1].startswith("Error:") and "cupy" in result.output.lower()
 
 
-def test_gpu_profile_script_runs_on_the_cpu_and_prints_the_step_time_and_both_tables():
-    """benchmarks/gpu_profile.py is run on lent GPU machines with little time to spare: it must not have rotted.
-    On the CPU it profiles the same Trainer step (without the device's kernel table)."""
+def _run_script(name, *args):
     import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_profile.py"), "--device", "cpu", "--steps",
-                          "1", "--top", "5", "--kernels"], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / name), *args], capture_output=True, text=True,
+                         env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "Trainer.train_step, default config, cpu: median" in out.stdout
-    assert "--- by tottime" in out.stdout and "--- by cumulative" in out.stdout and "train_step" in out.stdout
+    return out.stdout
+
+
+@pytest.mark.parametrize("unit", ["trainer", "bench"])
+def test_gpu_profile_script_runs_on_the_cpu_and_prints_the_step_time_and_both_tables(unit):
+    """benchmarks/gpu_profile.py is run on lent GPU machines with little time to spare: it must not have rotted.
+    On the CPU it profiles the same Trainer step, or a benchmark unit (without the device's kernel table)."""
+    extra = ["--bench", "digits"] if unit == "bench" else []
+    out = _run_script("gpu_profile.py", "--device", "cpu", "--steps", "1", "--top", "5", "--kernels", *extra)
+    label = "bench unit digits" if unit == "bench" else "Trainer.train_step, default config"
+    assert f"{label}, cpu: median" in out
+    assert "--- by tottime" in out and "--- by cumulative" in out
+    assert ("train_step" if unit == "trainer" else "backward") in out
+
+
+def test_graph_ab_script_runs_on_the_cpu_and_reports_both_sides_and_their_bits():
+    """benchmarks/graph_ab.py likewise (on the CPU both sides run eagerly, so their bits must agree)."""
+    out = _run_script("graph_ab.py", "--device", "cpu", "--steps", "5")
+    assert "graphs " in out and "eager " in out and "paired ratio graphs / eager" in out
+    assert "bitwise equal True" in out
