@@ -7,7 +7,9 @@ raises NotImplementedError, cupy/cupy#6290) although cuBLAS itself supports capt
 here, on a handle of our own with a workspace of our own, in eager runs and captures alike. The workspace is set
 again after every change of stream (cublasSetStream resets it to cuBLAS's default, which cuBLAS would then allocate
 per stream, inside a capture too), and one workspace on every stream is also what cuBLAS requires for bitwise equal
-results across streams: a replayed graph gives the eager step's bits.
+results across streams: a replayed graph gives the eager step's bits. The products are plain float32 (cuBLAS's
+default math mode) whatever CUPY_TF32 says: sums are computed as products too (norm.channel_sums), and TF32 would
+round their inputs to 10 bits.
 
 cuBLAS is column-major; a row-major C = A B is computed as the column-major C^T = B^T A^T, and a row-major matrix's
 memory read column-major is its transpose, so row-major operands go in untransposed (op N) and column-major ones
@@ -27,7 +29,6 @@ import threading
 import numpy as np
 
 OP_N, OP_T = 0, 1
-_TF32_TENSOR_OP_MATH = 3   # cublasMath_t
 WORKSPACE_BYTES = 8 << 20   # cuBLAS's own guidance for Hopper is up to 32 MiB; these products are small
 _FUNCTIONS = {np.dtype(np.float32): ("cublasSgemm_v2", "cublasSgemmStridedBatched", ctypes.c_float),
               np.dtype(np.float64): ("cublasDgemm_v2", "cublasDgemmStridedBatched", ctypes.c_double)}
@@ -97,8 +98,6 @@ class _Cublas:
         self.handle = handle
         self.workspace = cupy.cuda.runtime.malloc(WORKSPACE_BYTES)   # outside CuPy's pool: never handed elsewhere
         self._set_workspace()
-        if os.environ.get("CUPY_TF32", "0") != "0":   # what CuPy's own products do then
-            _check(lib.cublasSetMathMode(handle, _TF32_TENSOR_OP_MATH), "cublasSetMathMode")
         self.stream = None
         self.cupy = cupy
         self.one = {dt: f[2](1.0) for dt, f in _FUNCTIONS.items()}

@@ -30,6 +30,7 @@ graphs_gpu.ENABLED = False before a model is built); `Denoiser.set_cuda_graphs`.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 import weakref
@@ -41,7 +42,7 @@ from .flat import FlatArrays
 from .workspace import held_buffers
 
 ENABLED = os.environ.get("MINIDIFF_CUDA_GRAPHS", "1") != "0"
-MAX_ENTRIES = 4   # input signatures with graphs per model (training, sampling, a probe's batch); others run eagerly
+MAX_ENTRIES = 4   # input signatures captured per model (training, sampling, a probe's batch); others run eagerly
 _LIVE = weakref.WeakSet()
 _HIGH_WATER = [0]   # CuPy's pools' total just before a capture handed the default pool's cached blocks back
 
@@ -79,20 +80,24 @@ def _lasting_pool(xp, blocks):
 
 
 class _Entry:
-    """The graphs of one input signature: static inputs, a private memory pool, the graphs and their outputs."""
+    """The graphs of one input signature: static inputs, a private memory pool, the graphs and their outputs (all
+    made at its first capture: a signature seen once costs nothing)."""
 
-    def __init__(self, xp, x, t, forward_images):
-        self.x, self.t = xp.empty_like(x), xp.empty(t.shape, dtype=t.dtype)
-        self.blocks = []
-        self.pool = _lasting_pool(xp, self.blocks)
-        self.forward_images = weakref.WeakMethod(forward_images)   # no reference back to the model
+    def __init__(self, forward_images):
+        # no reference back to the model (a plain function is held as is)
+        self.forward_images = weakref.WeakMethod(forward_images) if inspect.ismethod(forward_images) else \
+            (lambda: forward_images)
         self.forward_warm = self.backward_warm = False
         self.forward_graph = self.backward_graph = None
+        self.x = self.t = self.pool = None
         self.out = self.tape = self.dout = self.grads = None
-        self.held = []
+        self.blocks, self.held = [], []
 
-    def load(self, x, t):
+    def load(self, xp, x, t):
         """Copy a call's inputs into the static buffers the graphs read (t from the host or the device)."""
+        if self.x is None:
+            self.x, self.t = xp.empty_like(x), xp.empty(t.shape, dtype=t.dtype)
+            self.pool = _lasting_pool(xp, self.blocks)
         self.x[...] = x
         if isinstance(t, np.ndarray):
             self.t.set(np.ascontiguousarray(t, dtype=self.t.dtype))
@@ -110,53 +115,60 @@ class ModelGraphs:
         self._model = weakref.ref(model)   # the model owns this object; no cycle, so its pools go with it
         self.xp = model.backend.xp
         self.entries = {}
-        self.armed = None    # (entry or None, "eager" | "graph"): the last forward with cache=True, for backward
+        self.armed = None    # (entry, "eager" | "graph"): the last forward with cache=True, for backward
         self.stream = None
         _LIVE.add(self)
 
     def forward(self, x, t, cache, forward_images):
         """The model's forward (`Denoiser._forward_parts`): eager until the signature is warm, then from a graph."""
         model = self._model()
-        if cache:
-            self.armed = None   # until this forward has succeeded, a backward has nothing to run
+        if cache:   # until this forward has succeeded, a backward has nothing to run, eager or graphed
+            self.armed, model._tape = None, None
         key = (tuple(x.shape), x.dtype.str, tuple(t.shape), np.dtype(t.dtype).str, bool(cache))
         entry = self.entries.get(key)
-        if entry is None and len(self.entries) < MAX_ENTRIES:
-            entry = self.entries[key] = _Entry(self.xp, x, t, forward_images)
-        if entry is None or not entry.forward_warm or (cache and not entry.backward_warm):
+        if entry is None:
+            entry = self.entries[key] = _Entry(forward_images)
+        warm = entry.forward_warm and (entry.backward_warm or not cache)
+        if not warm or (entry.forward_graph is None and self._graph_count() >= MAX_ENTRIES):
             return self._eager_forward(model, entry, x, t, cache, forward_images)
-        entry.load(x, t)
+        entry.load(self.xp, x, t)
         if entry.forward_graph is None:
             try:
-                entry.out, entry.forward_graph = self._capture(
-                    entry, lambda: model._forward_parts(entry.x, entry.t, cache, forward_images))
-            except CaptureNeedsWarmUp:
-                return self._eager_forward(model, entry, x, t, cache, forward_images)
-            except Exception as exc:   # noqa: BLE001  (any refusal: fall back, say why)
-                self._give_up(exc)
+                out, graph = self._capture(entry, lambda: model._forward_parts(entry.x, entry.t, cache, forward_images))
+            except BaseException as exc:
+                model._tape = None   # a capture's tape holds arrays only its graph fills: never the eager backward's
+                if isinstance(exc, CaptureNeedsWarmUp):
+                    return self._eager_forward(model, entry, x, t, cache, forward_images)
+                if not isinstance(exc, Exception):   # an interrupt
+                    raise
+                self._give_up(exc)   # any other refusal: fall back, say why
                 return model._forward_parts(x, t, cache, forward_images)
-            if cache:   # the capture's tape is the backward capture's; the model's eager path never sees it
+            entry.out, entry.forward_graph = out, graph
+            if cache:   # the backward's capture takes it from here
                 entry.tape, model._tape = model._tape, None
         entry.forward_graph.launch()
         if cache:
             self.armed = (entry, "graph")
         return entry.out.copy()
 
+    def _graph_count(self) -> int:
+        return sum(e.forward_graph is not None for e in self.entries.values())
+
     def _eager_forward(self, model, entry, x, t, cache, forward_images):
         out = model._forward_parts(x, t, cache, forward_images)
-        if entry is not None:
-            entry.forward_warm = True
+        entry.forward_warm = True
         if cache:
             self.armed = (entry, "eager")
         return out
 
     def backward(self, dout, backward_images):
-        """The model's backward (`Denoiser._backward_parts`), from the armed entry's graph after a graphed forward."""
+        """The model's backward (`Denoiser._backward_parts`), from the armed entry's graph after a graphed forward.
+        There dout is taken in the dtype of the first dout the graph was captured with (the model's, in practice)."""
         model = self._model()
         armed, self.armed = self.armed, None
         if armed is None or armed[1] == "eager":
             grads = model._backward_parts(dout, backward_images)   # with nothing armed, this says what is missing
-            if armed is not None and armed[0] is not None:
+            if armed is not None:
                 armed[0].backward_warm = True
             return grads
         entry = armed[0]
@@ -171,12 +183,15 @@ class ModelGraphs:
                 entry.grads, entry.backward_graph = self._capture(
                     entry, lambda: model._backward_parts(entry.dout, backward_images))
             except Exception as exc:   # noqa: BLE001
-                # the tape is spent: the forward runs again, eagerly, on its static inputs, and is captured anew
-                entry.forward_graph = None
                 if not isinstance(exc, CaptureNeedsWarmUp):
                     self._give_up(exc)
+                # the tape is spent: the forward runs again, eagerly, on its static inputs (and is captured anew)
                 model._forward_parts(entry.x, entry.t, True, entry.forward_images())
                 return model._backward_parts(dout, backward_images)
+            finally:
+                model._tape = None
+                if entry.backward_graph is None:   # also on an interrupt: its tape is gone, recapture the forward
+                    entry.forward_graph = None
         entry.backward_graph.launch()
         grads = entry.grads
         if isinstance(grads, FlatArrays):
@@ -203,7 +218,8 @@ class ModelGraphs:
 
     def close(self) -> None:
         """Drop the graphs. A forward replayed from a graph and not yet differentiated runs again, eagerly, on its
-        static inputs, so that the model's eager backward finds its tape."""
+        static inputs, so that the model's eager backward finds its tape (with the parameters as they are now: the
+        same gradients unless they changed in between)."""
         armed, self.armed = self.armed, None
         _LIVE.discard(self)
         model = self._model()
@@ -214,7 +230,7 @@ class ModelGraphs:
 
     def _give_up(self, exc):
         warnings.warn(f"CUDA graphs are off for this model: a capture failed ({type(exc).__name__}: {exc}); "
-                      "running eagerly", RuntimeWarning, stacklevel=4)
+                      "running eagerly", RuntimeWarning, stacklevel=5)
         model = self._model()
         model._graphs = None
         self.close()
