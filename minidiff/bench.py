@@ -256,8 +256,9 @@ def run_benchmarks(configs=None, repeats=5, warmup=1, threads=None, with_torch=T
     peaks measured before each configuration, all in peak_gflops_readings), peak_fraction = gflops / peak_gflops;
     the torch_* twins of the timing keys, ratio_vs_torch = step_ms / torch_step_ms, ratio_vs_torch_rounds (each
     round's ours / torch), ratio_vs_torch_paired (their median); peak_mem_mb, torch_peak_mem_mb, mem_ratio_vs_torch,
-    memory_error; threads, torch_threads, blas, blas_env. torch_* and ratios are None without torch (with_torch=False or not installed);
-    memory keys are None with memory=False or when a memory process failed (its message is in memory_error).
+    memory_error; threads, torch_threads, blas, blas_env. torch_* and ratios are None without torch (with_torch=False
+    or not installed); memory keys are None with memory=False or when a memory process failed (its message is in
+    memory_error).
     threads: BLAS and torch threads; None keeps NumPy's BLAS setting and gives torch the same number.
     settle: seconds of untimed units of the same side before each timed one (default 0.15 s on the CPU, 0 on a
     GPU): the timed unit runs as a training step does, right after another, once the other side's idle threads

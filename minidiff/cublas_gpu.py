@@ -89,7 +89,7 @@ def gemm_args(a, b, c):
 
 
 class _Cublas:
-    """One cuBLAS handle (per process and device) with its own workspace, and the gemm entry points."""
+    """One cuBLAS handle (per device and thread, `_cublas`) with its own workspace, and the gemm entry points."""
 
     def __init__(self, cupy):
         self.lib = lib = ctypes.CDLL(_library_path(cupy))

@@ -1,6 +1,7 @@
 """The cuBLAS call plan of minidiff.cublas_gpu, checked on the CPU: the arguments it computes are run through a NumPy
-model of column-major gemm (cublas<t>gemm / gemmStridedBatched reading raw strided memory) and must give a @ b.
-The call itself needs a GPU (tests/test_gpu.py); the layout reasoning, which is where a product goes wrong, does not."""
+model of column-major gemm (cublas<t>gemm / gemmStridedBatched reading raw strided memory) and must give a @ b. The
+call itself needs a GPU (tests/test_gpu_graphs.py); the layout reasoning, which is where a product goes wrong, does
+not."""
 
 import numpy as np
 import pytest

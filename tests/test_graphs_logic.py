@@ -3,7 +3,7 @@ which tape a backward uses, through sequences of calls a real GPU run would take
 
 A stand-in for CuPy (NumPy arrays; a capture that records the captured call, and a launch that reruns it into the
 captured outputs, the way a graph's replay rewrites them without the model's Python) drives a one-weight model whose
-tape follows Denoiser's rules. What the graphs compute on a real GPU is tests/test_gpu.py's business."""
+tape follows Denoiser's rules. What the graphs compute on a real GPU is tests/test_gpu_graphs.py's business."""
 
 import contextlib
 import types
@@ -64,7 +64,8 @@ class FakePool:
 FAKE = types.SimpleNamespace(
     mode="eager", empty_like=lambda x: np.empty_like(x).view(DevArray),
     empty=lambda shape, dtype: np.empty(shape, dtype=dtype).view(DevArray), get_default_memory_pool=FakePool,
-    cuda=types.SimpleNamespace(Stream=FakeStream, MemoryPool=FakePool, using_allocator=lambda f: contextlib.nullcontext()))
+    cuda=types.SimpleNamespace(Stream=FakeStream, MemoryPool=FakePool,
+                               using_allocator=lambda allocator: contextlib.nullcontext()))
 
 
 class OneWeight:
