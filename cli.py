@@ -10,20 +10,22 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from minidiff import __version__, bench, optim_demo
+from minidiff import __version__
+from minidiff.bench import benchmark as bench
+from minidiff.study import optim_demo
 from minidiff.backend import BackendError
-from minidiff.compare import MissingExtra, compare_runs
-from minidiff.config import (DEFAULT_LR, DEVICES, MODEL_NAMES, OPTIMIZER_NAMES, TIMESTEP_SAMPLING, default_run_path,
+from minidiff.study.compare import MissingExtra, compare_runs
+from minidiff.training.config import (DEFAULT_LR, DEVICES, MODEL_NAMES, OPTIMIZER_NAMES, TIMESTEP_SAMPLING, default_run_path,
                              load_config_file)
-from minidiff.data import DATASETS, DataError
-from minidiff.diffusion import PREDICTIONS, WEIGHTINGS
-from minidiff.lr_schedules import LR_SCHEDULES
-from minidiff.run_tools import (config_from_options, evaluate_run, format_evaluation, sample_png, summarize,
+from minidiff.datasets import DATASETS, DataError
+from minidiff.diffusion.losses import PREDICTIONS, WEIGHTINGS
+from minidiff.optim.lr_schedules import LR_SCHEDULES
+from minidiff.study.run_tools import (config_from_options, evaluate_run, format_evaluation, sample_png, summarize,
                                 write_latest_samples_png)
-from minidiff.runs import RunFile, RunFileError
-from minidiff.schedules import SCHEDULES
-from minidiff.sweep import run_sweep, sweep_points
-from minidiff.train import TrainingDiverged, TrainingInterrupted, resume_run, start_run, thread_count_note
+from minidiff.runs.file import RunFile, RunFileError
+from minidiff.diffusion.schedules import SCHEDULES
+from minidiff.study.sweep import run_sweep, sweep_points
+from minidiff.training.trainer import TrainingDiverged, TrainingInterrupted, resume_run, start_run, thread_count_note
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

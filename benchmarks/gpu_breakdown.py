@@ -14,8 +14,9 @@ import statistics
 import time
 
 from minidiff.backend import get_backend
-from minidiff.bench import CONFIGS, LR, build_model, host_batch
-from minidiff.optim import build_optimizer, fused
+from minidiff.bench.benchmark import CONFIGS, LR, build_model, host_batch
+from minidiff.optim import build_optimizer
+from minidiff.kernels import optim_cuda as fused
 
 
 def _median_ms(fn, sync, repeats):

@@ -19,9 +19,9 @@ import statistics
 import time
 
 from minidiff.backend import get_backend
-from minidiff.bench import CONFIGS, build_model, ours_unit
-from minidiff.config import TrainConfig
-from minidiff.train import Trainer
+from minidiff.bench.benchmark import CONFIGS, build_model, ours_unit
+from minidiff.training.config import TrainConfig
+from minidiff.training.trainer import Trainer
 
 
 def main(argv=None):

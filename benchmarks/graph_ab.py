@@ -1,4 +1,4 @@
-"""CUDA graphs on against off (minidiff.graphs_gpu) for the default `minidiff train` step on a GPU: both trainers in
+"""CUDA graphs on against off (minidiff.execution.graphs) for the default `minidiff train` step on a GPU: both trainers in
 one process, stepped alternately on the same data, timed per step (device synchronised); then whether they hold the
 same parameters bit for bit.
 
@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 
-from minidiff import cublas_gpu, graphs_gpu
+from minidiff.kernels import cublas as cublas_gpu
+from minidiff.execution import graphs as graphs_gpu
 from minidiff.backend import to_numpy
-from minidiff.config import TrainConfig
-from minidiff.train import Trainer
+from minidiff.training.config import TrainConfig
+from minidiff.training.trainer import Trainer
 
 
 def make_trainer(graphs: bool, device: str) -> Trainer:

@@ -17,7 +17,7 @@ import json
 import pstats
 import sys
 
-from minidiff.bench import CONFIGS, QUICK, build_model, format_table, ours_unit, run_benchmarks
+from minidiff.bench.benchmark import CONFIGS, QUICK, build_model, format_table, ours_unit, run_benchmarks
 from minidiff.backend import get_backend
 
 

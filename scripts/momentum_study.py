@@ -12,9 +12,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from minidiff.compare import final_numbers, load_run
-from minidiff.config import TrainConfig
-from minidiff.sweep import point_name, run_sweep
+from minidiff.study.compare import final_numbers, load_run
+from minidiff.training.config import TrainConfig
+from minidiff.study.sweep import point_name, run_sweep
 
 # Every run: the default UNet width for the digits, the default batch, an equal step budget.
 BASE = dict(dataset="digits", model_options={"base_channels": 16}, steps=800, batch_size=128, log_every=25,

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from minidiff.classifier import train_digits_classifier
-from minidiff.data import load_dataset
+from minidiff.instruments.classifier import train_digits_classifier
+from minidiff.datasets import load_dataset
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "digits_classifier.npz"
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from minidiff import backend as B
-from minidiff.strict import StrictArray
+from minidiff.backend.strict import StrictArray
 
 
 def test_default_device_is_numpy(monkeypatch):

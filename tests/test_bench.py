@@ -10,9 +10,9 @@ import math
 
 import pytest
 
-from minidiff.bench import CONFIGS, BenchConfig, format_table, interleaved_times, run_benchmarks
-from minidiff.flops import attention_flops, conv2d_flops, linear_flops, unet_flops
-from minidiff.unet import UNet
+from minidiff.bench.benchmark import CONFIGS, BenchConfig, format_table, interleaved_times, run_benchmarks
+from minidiff.bench.flops import attention_flops, conv2d_flops, linear_flops, unet_flops
+from minidiff.models.unet import UNet
 
 TINY = {"base_channels": 8, "groups": 4}
 
@@ -49,7 +49,7 @@ def test_flop_counter_counts_stride2_downsampling_and_attention_at_the_low_resol
 def test_flop_counter_agrees_exactly_with_torch_flop_counter_on_the_twin(torch):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from minidiff.torch_twin import torch_twin
+    from minidiff.bench.torch_twin import torch_twin
     model = UNet(base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2), num_heads=2,
                  groups=4)
     twin = torch_twin(model)

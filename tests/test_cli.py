@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from cli import main
 from cli_checks import assert_one_line_error
-from minidiff.runs import RunFile
+from minidiff.runs.file import RunFile
 
 FAST = ["--dataset", "moons", "--steps", "6", "--timesteps", "50", "--batch-size", "32", "--log-every", "2",
         "--ckpt-every", "3", "--sample-every", "100", "-q"]
@@ -162,7 +162,7 @@ class FakeBlas:
 
 def test_resume_with_another_cpu_thread_count_says_so(tmp_path, monkeypatch):
     """The run file records the thread count; a resume with another one says it will not be bit for bit."""
-    from minidiff import parallel
+    from minidiff.execution import threads as parallel
     out = tmp_path / "r.h5"
     monkeypatch.setattr(parallel, "_blas_controller", lambda: FakeBlas(1))
     assert invoke("train", *FAST, "--out", out).exit_code == 0

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minidiff.compare import (FINAL_ROWS, Group, MissingExtra, RunData, compare_runs, fmt_stats, group_runs, stats,
+from minidiff.study.compare import (FINAL_ROWS, Group, MissingExtra, RunData, compare_runs, fmt_stats, group_runs, stats,
                               summarize_groups, wall_times)
-from minidiff.compare_figures import FIGURES, smooth, stack
-from minidiff.config import TrainConfig
-from minidiff.runs import RunFile
-from minidiff.train import start_run
+from minidiff.study.figures import FIGURES, smooth, stack
+from minidiff.training.config import TrainConfig
+from minidiff.runs.file import RunFile
+from minidiff.training.trainer import start_run
 
 pytest.importorskip("matplotlib", reason="compare figures need matplotlib (pip install 'minidiff[plots]')")
 pytestmark = pytest.mark.usefixtures("one_blas_thread")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from minidiff.config import CAPPED_DEFAULTS, TrainConfig
+from minidiff.training.config import CAPPED_DEFAULTS, TrainConfig
 
 
 def test_step_counts_default_to_their_usual_value_capped_at_timesteps():

@@ -1,4 +1,4 @@
-"""minidiff.data: built-in sets, user files, bad-data errors, resumable batching and the PNG writer."""
+"""minidiff.datasets: built-in sets, user files, bad-data errors, resumable batching and the PNG writer."""
 
 import gzip
 import struct
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minidiff.backend import get_backend
-from minidiff.data import (DATASETS, BatchIterator, DataError, encode_png, load_dataset, save_image_grid, to_uint8,
+from minidiff.datasets import (DATASETS, BatchIterator, DataError, encode_png, load_dataset, save_image_grid, to_uint8,
                            write_idx)
 
 IMAGE_SETS = {"digits": (1, 8, 8), "shapes": (1, 16, 16)}
@@ -43,9 +43,9 @@ def test_same_seed_gives_bitwise_same_data_and_other_seed_differs(name):
 
 
 def test_fixed_data_is_held_out_the_same_way_for_every_seed(tmp_path):
-    """The digits' held-out split is the FD reference of every run (minidiff.quality): a run with seed 1 must not
+    """The digits' held-out split is the FD reference of every run (minidiff.instruments.quality): a run with seed 1 must not
     train on it (it once did: the split followed the run's seed). The same holds for the user's files."""
-    from minidiff.quality import _heldout_digits
+    from minidiff.instruments.quality import _heldout_digits
     reference = _heldout_digits()[1]
     for seed in (0, 1, 2, 7):
         ds = load_dataset("digits", seed=seed)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from minidiff.backend import get_backend
-from minidiff.diffusion import (PREDICTIONS, WEIGHTINGS, LossAwareSampler, UniformSampler, loss_weights,
+from minidiff.diffusion.losses import (PREDICTIONS, WEIGHTINGS, LossAwareSampler, UniformSampler, loss_weights,
                                 model_output_to_x0_eps, predict_eps_from_x0, predict_v, predict_x0_from_eps,
                                 q_posterior_mean_variance, q_sample, training_loss, x0_eps_from_v)
-from minidiff.schedules import make_schedule
-from minidiff.strict import StrictArray
+from minidiff.diffusion.schedules import make_schedule
+from minidiff.backend.strict import StrictArray
 
 CPU = get_backend("cpu")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minidiff.quality import digits_fd, reference_levels
-from minidiff.runs import RunFile
+from minidiff.instruments.quality import digits_fd, reference_levels
+from minidiff.runs.file import RunFile
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 STEPS, LOG_EVERY = 200, 20  # ~20 s on a 2-core CPU with the default model (UNet, base_channels 16, 177k parameters)

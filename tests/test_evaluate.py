@@ -9,10 +9,10 @@ from click.testing import CliRunner
 
 from cli import main
 from cli_checks import assert_one_line_error
-from minidiff.config import TrainConfig
-from minidiff.run_tools import evaluate_run
-from minidiff.runs import RunFile
-from minidiff.train import start_run
+from minidiff.training.config import TrainConfig
+from minidiff.study.run_tools import evaluate_run
+from minidiff.runs.file import RunFile
+from minidiff.training.trainer import start_run
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
@@ -119,5 +119,5 @@ def test_run_without_a_checkpoint_says_so(tmp_path):
 
 
 def test_samples_that_blow_up_are_one_line_not_a_nan_score(moons_run, monkeypatch):
-    monkeypatch.setattr("minidiff.train.Trainer.sample", lambda self, n, **kw: np.full((n, 2), np.nan))
+    monkeypatch.setattr("minidiff.training.trainer.Trainer.sample", lambda self, n, **kw: np.full((n, 2), np.nan))
     assert_one_line_error(invoke("evaluate", moons_run), "NaN or Inf", "step 200")

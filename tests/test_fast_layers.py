@@ -1,4 +1,4 @@
-"""The channels-last kernels the UNet runs on (minidiff.conv, minidiff.norm) and the CPU parallelism above them.
+"""The channels-last kernels the UNet runs on (minidiff.nn.conv, minidiff.nn.norm) and the CPU parallelism above them.
 
 Each kernel is checked like every layer in test_layers: backward against central finite differences in float64 on
 every backend (NumPy, strict, CuPy where present), forward against PyTorch. The chunked paths are forced with a tiny
@@ -10,8 +10,10 @@ import warnings
 import numpy as np
 import pytest
 
-from minidiff import conv, norm, parallel
-from minidiff import layers as L
+from minidiff.nn import conv
+from minidiff.nn import norm
+from minidiff.execution import threads as parallel
+from minidiff.nn import layers as L
 from minidiff.backend import to_numpy
 from test_layers import check_gradients, randn
 
@@ -72,7 +74,7 @@ def test_conv2d_nhwc_forward_matches_torch(cpu_backend, torch, tiny_chunks, case
 def test_conv2d_nhwc_ignores_what_earlier_calls_left_in_scratch(cpu_backend, tiny_chunks, case):
     """Padded inputs and column matrices live in scratch buffers shared by every shape: a call must write every
     element it reads (the zero border included), so buffers full of NaN from a larger call change nothing."""
-    from minidiff import workspace
+    from minidiff.kernels import workspace
     N, H, W, C, O, (kh, kw), stride, padding = case
     rng = np.random.default_rng(5)
     x, w, b = (cpu_backend.asarray(randn(rng, *s)) for s in ((N, H, W, C), (O, C, kh, kw), (O,)))
@@ -93,12 +95,12 @@ def test_conv2d_nhwc_ignores_what_earlier_calls_left_in_scratch(cpu_backend, tin
 
 
 def test_inside_a_cuda_graph_capture_new_scratch_and_constants_are_refused_and_existing_ones_served(monkeypatch):
-    from minidiff import workspace
+    from minidiff.kernels import workspace
     from minidiff.backend import CaptureNeedsWarmUp
     like = np.zeros(1, dtype=np.float32)
     kept = workspace.scratch("test.capture", (4, 4), like)
     ones = workspace.ones_row(5, like)
-    monkeypatch.setattr(workspace, "is_capturing", lambda xp: True)   # as during minidiff.graphs_gpu's capture
+    monkeypatch.setattr(workspace, "is_capturing", lambda xp: True)   # as during minidiff.execution.graphs's capture
     assert workspace.scratch("test.capture", (2, 8), like).base is kept.base   # fits: the same buffer
     assert workspace.ones_row(5, like) is ones
     with pytest.raises(CaptureNeedsWarmUp, match="test.capture"):
@@ -129,7 +131,7 @@ def test_group_norm_nhwc_of_a_transposed_view_equals_that_of_its_contiguous_copy
 def test_conv2d_nhwc_rezeroes_the_padded_border_for_the_same_padded_shape_with_another_padding(cpu_backend):
     """5x5 padded by 1 and 3x3 padded by 2 are both 7x7: the second must not take the first's border (one pixel
     wide) for its own (two)."""
-    from minidiff import workspace
+    from minidiff.kernels import workspace
     rng = np.random.default_rng(7)
     w = cpu_backend.asarray(randn(rng, 2, 3, 3, 3))
     first, second = cpu_backend.asarray(randn(rng, 2, 5, 5, 3)), cpu_backend.asarray(randn(rng, 2, 3, 3, 3))
@@ -140,7 +142,7 @@ def test_conv2d_nhwc_rezeroes_the_padded_border_for_the_same_padded_shape_with_a
 
 
 def test_scratch_kept_says_whether_the_last_use_had_the_same_tag_and_the_buffer_was_not_grown():
-    from minidiff import workspace
+    from minidiff.kernels import workspace
     like = np.zeros(1, dtype=np.float32)
     a, kept = workspace.scratch_kept("test.kept", (2, 3), like, tag="a")
     a[...] = 5.0
@@ -192,7 +194,7 @@ def test_add_channels_equals_the_broadcast_add_bit_for_bit(cpu_backend, monkeypa
 
 def test_group_norm_silu_float32_saturates_without_overflow(backend):
     """Huge pre-activations h = +-1e4: SiLU's tails come out as 0 and h, the SiLU gradients as 0 and 1, no warnings
-    (on CuPy, minidiff.norm_gpu's own tanh form: no errstate there, the values must still come out finite)."""
+    (on CuPy, minidiff.kernels.norm_cuda's own tanh form: no errstate there, the values must still come out finite)."""
     x = backend.asarray(np.array([[[-3.0, 3.0]]]), dtype=np.float32)          # (1, 1, 2): x_hat = -1, +1
     g, b = (backend.asarray(np.array(v), dtype=np.float32) for v in ([1e4, 1e4], [0.0, 0.0]))
     with np.errstate(all="raise"):
@@ -222,8 +224,8 @@ def test_unet_on_two_threads_matches_one_thread(cpu_backend, monkeypatch):
     """The batch split over two workers: the same output (per-image work is untouched) and the same gradients up
     to the order in which the parts' gradients are summed."""
     threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
-    from minidiff import denoiser
-    from minidiff.unet import UNet
+    from minidiff.models import base as denoiser
+    from minidiff.models.unet import UNet
     monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS", 1)   # split even this small batch
     monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS_THREADS", 1)
     model = UNet(base_channels=8, groups=4, channel_mults=(1, 2), attention_levels=(1,), num_heads=2,
@@ -244,8 +246,8 @@ def test_unet_on_two_threads_matches_one_thread(cpu_backend, monkeypatch):
 
 def test_a_batch_is_split_only_when_each_part_gets_enough_work(cpu_backend):
     threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
-    from minidiff import denoiser
-    from minidiff.unet import UNet
+    from minidiff.models import base as denoiser
+    from minidiff.models.unet import UNet
     model = UNet(base_channels=8, groups=4, device=cpu_backend)
     # parts in worker processes pay from smaller parts than parts on threads (the strict backend's)
     min_part = denoiser.MIN_PART_ELEMENTS if model._parts_in_processes() else denoiser.MIN_PART_ELEMENTS_THREADS

@@ -1,11 +1,11 @@
-"""Parameters laid end to end (minidiff.flat): FlatArrays and its runs, the optimizers that step a run of arrays
+"""Parameters laid end to end (minidiff.kernels.flat): FlatArrays and its runs, the optimizers that step a run of arrays
 at a time, with the same bits as one array at a time, and a model's gradients laid out like its parameters."""
 
 import numpy as np
 import pytest
 
 from minidiff.backend import get_backend, to_numpy
-from minidiff.flat import FlatArrays, gather, runs as flat_runs, total_size
+from minidiff.kernels.flat import FlatArrays, gather, runs as flat_runs, total_size
 from minidiff.optim import Adam, build_optimizer
 from test_optim import CONFIGS, _on
 
@@ -90,7 +90,7 @@ def test_runs_cover_every_array_once_in_order_each_just_long_enough():
 
 @pytest.mark.parametrize("device", ["cpu", "strict"])
 def test_a_models_parameters_are_laid_end_to_end_and_its_optimizer_uses_runs(device):
-    from minidiff.unet import UNet
+    from minidiff.models.unet import UNet
     model = UNet(base_channels=8, device=device)
     assert isinstance(model.params, FlatArrays) and model.params.intact()
     opt = build_optimizer("adam", model.params)
@@ -134,7 +134,7 @@ def test_a_subclass_with_its_own_update_rule_is_stepped_array_by_array():
 
 @pytest.mark.parametrize("model_name", ["unet", "mlp"])
 def test_a_models_gradients_come_laid_out_like_its_parameters_in_a_new_buffer_each_backward(model_name):
-    """backward returns the gradients end to end (minidiff.flat.gather), in a buffer of their own: a later backward
+    """backward returns the gradients end to end (minidiff.kernels.flat.gather), in a buffer of their own: a later backward
     must not overwrite gradients the caller still holds, and they must not be the parameters' buffer."""
     from minidiff.models import build_model
     kwargs = {"unet": dict(base_channels=8), "mlp": dict(data_dim=2)}[model_name]
@@ -185,7 +185,7 @@ def test_gathered_gradients_take_the_layouts_dtype_and_runs_cast_flat_gradients_
 
 
 def test_gather_while_a_cuda_graph_captures_copies_span_by_span_to_the_same_bits(monkeypatch):
-    from minidiff import flat
+    from minidiff.kernels import flat
     rng = np.random.default_rng(0)
     shapes = {"a": (3, 4), "b": (5,), "c": (2, 2, 2)}
     layout = FlatArrays(shapes, np.zeros(total_size(shapes), dtype=np.float32))

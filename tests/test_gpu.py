@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from minidiff.backend import BackendError, get_backend, to_numpy
-from minidiff.flat import FlatArrays, total_size
-from minidiff.optim import build_optimizer, fused
-from minidiff.samplers import ddim_sample
-from minidiff.schedules import make_schedule
-from minidiff.unet import UNet
+from minidiff.kernels.flat import FlatArrays, total_size
+from minidiff.optim import build_optimizer
+from minidiff.kernels import optim_cuda as fused
+from minidiff.diffusion.samplers import ddim_sample
+from minidiff.diffusion.schedules import make_schedule
+from minidiff.models.unet import UNet
 
 try:
     GPU = get_backend("gpu")
@@ -57,7 +58,7 @@ def test_unet_forward_and_gradients_on_the_gpu_match_numpy(dtype):
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fused_group_norm_on_the_gpu_matches_numpy(silu, dtype):
-    from minidiff.norm import group_norm_nhwc_backward, group_norm_nhwc_forward
+    from minidiff.nn.norm import group_norm_nhwc_backward, group_norm_nhwc_forward
     rng = np.random.default_rng(7)
     x, dout = (rng.standard_normal((3, 5, 4, 12)) * 3 + 1 for _ in range(2))
     gamma, beta = rng.standard_normal(12), rng.standard_normal(12)
@@ -77,9 +78,9 @@ def test_fused_group_norm_on_the_gpu_matches_numpy(silu, dtype):
 @pytest.mark.parametrize("kh,kw,stride,ph,pw", [(3, 3, 1, 1, 1), (3, 3, 2, 1, 1), (3, 3, 1, 2, 2), (3, 3, 1, 0, 0),
                                                 (2, 3, 2, 0, 1), (3, 3, 1, 2, 1)])
 def test_one_kernel_im2col_on_the_gpu_copies_what_numpy_copies(kh, kw, stride, ph, pw):
-    """minidiff.conv_gpu writes the columns from the input directly; they must be the NumPy form's, bit for bit
+    """minidiff.kernels.conv_cuda writes the columns from the input directly; they must be the NumPy form's, bit for bit
     (the last geometry is the stride-1 backward's padding k - 1 - p, uneven here), also from a non-contiguous input."""
-    from minidiff.conv import im2col
+    from minidiff.nn.conv import im2col
     x = np.random.default_rng(8).standard_normal((3, 7, 6, 5)).astype(np.float32)
     want = im2col(x, kh, kw, stride, ph, pw).copy()
     for gx in (GPU.asarray(x), GPU.asarray(x.transpose(0, 2, 1, 3).copy()).transpose(0, 2, 1, 3)):
@@ -98,7 +99,7 @@ OPTIMIZERS = [
 
 
 def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None, flat=False, flat_grads=False):
-    """flat: the parameters laid end to end, as a model's are (minidiff.flat): the generic step then goes by runs;
+    """flat: the parameters laid end to end, as a model's are (minidiff.kernels.flat): the generic step then goes by runs;
     flat_grads: the gradients too, as a model's backward returns them (the fused step then launches once per run)."""
     rng = np.random.default_rng(1)
     shapes = {"w": (16, 8, 3, 3), "b": (16,), "s": ()}
@@ -175,8 +176,8 @@ def test_ddim_sampling_on_the_gpu_matches_numpy():
 
 
 def test_training_steps_on_the_gpu_track_numpy():
-    from minidiff.config import TrainConfig
-    from minidiff.train import Trainer
+    from minidiff.training.config import TrainConfig
+    from minidiff.training.trainer import Trainer
     losses = {}
     for device in ("gpu", "cpu"):
         trainer = Trainer(TrainConfig(dataset="digits", batch_size=32, steps=5, eval_every=0, log_every=5,

@@ -1,4 +1,4 @@
-"""CUDA graphs (minidiff.graphs_gpu) and the cuBLAS products they capture (minidiff.cublas_gpu), on CuPy; these run
+"""CUDA graphs (minidiff.execution.graphs) and the cuBLAS products they capture (minidiff.kernels.cublas), on CuPy; these run
 only where CuPy finds a usable GPU. The products are checked against cupy.matmul (to float32 rounding: cuBLAS picks
 its own algorithms); everything a graph replays is checked bit for bit against the same code run eagerly, since both
 make the same launches. The bookkeeping of which call captures or replays is tests/test_graphs_logic.py's, on the CPU.
@@ -9,9 +9,9 @@ import pytest
 
 from minidiff.backend import BackendError, get_backend, to_numpy
 from minidiff.optim import build_optimizer
-from minidiff.samplers import ddim_sample
-from minidiff.schedules import make_schedule
-from minidiff.unet import UNet
+from minidiff.diffusion.samplers import ddim_sample
+from minidiff.diffusion.schedules import make_schedule
+from minidiff.models.unet import UNet
 
 try:
     GPU = get_backend("gpu")
@@ -23,7 +23,7 @@ SMALL_UNET = dict(base_channels=16, groups=4, channel_mults=(1, 2), attention_le
 
 def test_direct_cublas_products_match_cupy_matmul_for_every_layout():
     import cupy
-    from minidiff.cublas_gpu import matmul
+    from minidiff.kernels.cublas import matmul
     from test_cublas_plan import layout_cases
     for dtype, rtol in ((np.float32, 1e-5), (np.float64, 1e-12)):
         for name, a, b in layout_cases(np.random.default_rng(0), lambda h: cupy.asarray(h, dtype=dtype)):
@@ -38,7 +38,7 @@ def test_direct_cublas_products_match_cupy_matmul_for_every_layout():
 
 def test_direct_cublas_products_replay_in_a_cuda_graph_that_cupy_matmul_cannot_enter():
     import cupy
-    from minidiff.cublas_gpu import matmul
+    from minidiff.kernels.cublas import matmul
     rng = np.random.default_rng(1)
     a, b = (cupy.asarray(rng.standard_normal(s), dtype=np.float32) for s in ((64, 32), (48, 32)))
     c = cupy.empty((64, 48), dtype=np.float32)
@@ -84,7 +84,7 @@ def _graphed(model):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_cuda_graph_training_steps_give_the_eager_steps_bits(dtype):
-    from minidiff import graphs_gpu
+    from minidiff.execution import graphs as graphs_gpu
     model, outs, grads, params = _train_steps(True, dtype)
     assert _graphed(model) and all(e.backward_graph is not None for e in model._graphs.entries.values())
     assert graphs_gpu.pool_bytes() > 0
@@ -97,7 +97,7 @@ def test_cuda_graph_training_steps_give_the_eager_steps_bits(dtype):
 
 def test_cuda_graphs_survive_the_scratch_buffers_being_dropped_and_reused():
     import cupy
-    from minidiff import workspace
+    from minidiff.kernels import workspace
     junk = []
 
     def churn(step):   # once captured (step 1), drop every scratch buffer and take its memory for other arrays
@@ -147,9 +147,9 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_runs_eagerly(monkeypatch
 
 
 def test_training_with_cuda_graphs_gives_the_eager_runs_bits(monkeypatch, tmp_path):
-    from minidiff import graphs_gpu
-    from minidiff.config import TrainConfig
-    from minidiff.train import Trainer
+    from minidiff.execution import graphs as graphs_gpu
+    from minidiff.training.config import TrainConfig
+    from minidiff.training.trainer import Trainer
     config = TrainConfig(dataset="digits", model="unet", batch_size=16, steps=5, timesteps=100, device="gpu",
                          model_options=dict(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), groups=4))
     params = []
@@ -164,7 +164,7 @@ def test_training_with_cuda_graphs_gives_the_eager_runs_bits(monkeypatch, tmp_pa
 
 
 def test_the_memory_peak_counts_what_the_eager_warm_up_held_before_a_capture_freed_it():
-    from minidiff import graphs_gpu
+    from minidiff.execution import graphs as graphs_gpu
     GPU.xp.get_default_memory_pool().free_all_blocks()
     graphs_gpu.reset_peak()
     model = UNet(**SMALL_UNET, seed=3, device=GPU)
@@ -178,7 +178,7 @@ def test_the_memory_peak_counts_what_the_eager_warm_up_held_before_a_capture_fre
 
 
 def test_a_failed_backward_capture_reruns_the_forward_eagerly_and_turns_graphs_off(monkeypatch):
-    from minidiff import flat
+    from minidiff.kernels import flat
     monkeypatch.setattr(flat, "is_capturing", lambda xp: False)   # the backward's gather then needs the host
     with pytest.warns(RuntimeWarning, match="CUDA graphs are off"):
         model, outs, grads, params = _train_steps(True)
@@ -190,7 +190,7 @@ def test_a_failed_backward_capture_reruns_the_forward_eagerly_and_turns_graphs_o
 
 def test_a_scratch_buffer_missing_at_capture_time_defers_the_capture_to_the_next_call():
     import warnings
-    from minidiff import workspace
+    from minidiff.kernels import workspace
 
     def clear(step):   # before the forward's capture (step 1) and, below, between a forward and its backward
         if step == 0:
@@ -235,7 +235,7 @@ def test_forwards_of_other_shapes_between_a_forward_and_its_backward_leave_its_g
 
 
 def test_more_input_shapes_than_entries_run_eagerly_with_the_same_results():
-    from minidiff import graphs_gpu
+    from minidiff.execution import graphs as graphs_gpu
     models = [UNet(**SMALL_UNET, seed=3, device=GPU) for _ in range(2)]
     models[1].set_cuda_graphs(False)
     outs = [[], []]
@@ -259,9 +259,9 @@ def test_turning_graphs_off_between_a_replayed_forward_and_its_backward_keeps_th
 
 
 def test_a_full_training_run_with_probes_samples_and_evaluation_gives_the_eager_runs_bits(monkeypatch, tmp_path):
-    from minidiff import graphs_gpu
-    from minidiff.config import TrainConfig
-    from minidiff.train import start_run
+    from minidiff.execution import graphs as graphs_gpu
+    from minidiff.training.config import TrainConfig
+    from minidiff.training.trainer import start_run
     config = TrainConfig(dataset="digits", model="unet", batch_size=16, steps=6, timesteps=100, device="gpu",
                          log_every=2, ckpt_every=3, sample_every=3, sample_count=4, sample_steps=3, probe_every=2,
                          probe_batch=8, eval_every=3, eval_samples=16, eval_steps=3,
@@ -278,7 +278,7 @@ def test_a_full_training_run_with_probes_samples_and_evaluation_gives_the_eager_
 
 def test_a_product_into_an_out_that_overlaps_an_operand_is_computed_from_the_operands_before():
     import cupy
-    from minidiff.cublas_gpu import matmul
+    from minidiff.kernels.cublas import matmul
     a = cupy.asarray(np.random.default_rng(5).standard_normal((6, 6)), dtype=np.float32)
     want = cupy.asnumpy(a @ a)
     assert matmul(cupy, a, a, out=a) is a
@@ -288,7 +288,7 @@ def test_a_product_into_an_out_that_overlaps_an_operand_is_computed_from_the_ope
 def test_a_dropped_model_takes_its_graphs_and_their_memory_with_it():
     import gc
     import weakref
-    from minidiff import graphs_gpu
+    from minidiff.execution import graphs as graphs_gpu
     gc.collect()
     before = graphs_gpu.pool_bytes()
     gc.disable()   # no cycle may hold the model (and its graphs' pools) until a collection

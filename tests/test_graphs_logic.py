@@ -1,4 +1,4 @@
-"""The bookkeeping of minidiff.graphs_gpu, on the CPU: which call runs eagerly, which is captured, which replays, and
+"""The bookkeeping of minidiff.execution.graphs, on the CPU: which call runs eagerly, which is captured, which replays, and
 which tape a backward uses, through sequences of calls a real GPU run would take minutes of lent time to walk.
 
 A stand-in for CuPy (NumPy arrays; a capture that records the captured call, and a launch that reruns it into the
@@ -11,9 +11,9 @@ import types
 import numpy as np
 import pytest
 
-from minidiff import graphs_gpu
+from minidiff.execution import graphs as graphs_gpu
 from minidiff.backend import CaptureNeedsWarmUp
-from minidiff.denoiser import Tape
+from minidiff.models.base import Tape
 
 
 class DevArray(np.ndarray):

@@ -1,12 +1,12 @@
-"""minidiff.instruments across a checkpoint: a resumed run logs at its first probe what an uninterrupted run does."""
+"""minidiff.instruments.recorder across a checkpoint: a resumed run logs at its first probe what an uninterrupted run does."""
 
 import numpy as np
 import pytest
 
 from minidiff.backend import to_numpy
-from minidiff.config import TrainConfig
-from minidiff.runs import RunFile
-from minidiff.train import Trainer, resume_run, start_run
+from minidiff.training.config import TrainConfig
+from minidiff.runs.file import RunFile
+from minidiff.training.trainer import Trainer, resume_run, start_run
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 

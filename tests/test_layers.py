@@ -9,8 +9,8 @@ checks run on every backend of the `backend` fixture (NumPy, strict, and CuPy wh
 import numpy as np
 import pytest
 
-from minidiff import layers as L
-from minidiff.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
+from minidiff.nn import layers as L
+from minidiff.nn.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
 from minidiff.backend import to_numpy
 
 H = 1e-5  # central-difference step: truncation ~H^2 and round-off ~1e-16/H both stay far below the 1e-6 bar

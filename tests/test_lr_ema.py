@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from minidiff.backend import to_numpy
-from minidiff.ema import EMA
-from minidiff.lr_schedules import LR_SCHEDULES, make_lr_schedule
+from minidiff.optim.ema import EMA
+from minidiff.optim.lr_schedules import LR_SCHEDULES, make_lr_schedule
 
 
 # --- schedules -----------------------------------------------------------------------------------------------------
@@ -156,11 +156,11 @@ def test_ema_refuses_decay_outside_unit_interval():
 
 @pytest.mark.parametrize("device", ["cpu", "strict"])
 def test_ema_of_parameters_laid_end_to_end_is_the_per_array_ema_bit_for_bit(device, monkeypatch):
-    """A model's parameters (minidiff.flat) are averaged in long chunks that cut across arrays: the same elementwise
+    """A model's parameters (minidiff.kernels.flat) are averaged in long chunks that cut across arrays: the same elementwise
     operations, so the same bits as array by array; a plain dict handed to update takes the per-array path."""
-    from minidiff import ema as ema_module
+    from minidiff.optim import ema as ema_module
     from minidiff.backend import get_backend
-    from minidiff.flat import FlatArrays, total_size
+    from minidiff.kernels.flat import FlatArrays, total_size
     monkeypatch.setattr(ema_module, "CHUNK", 7)   # chunks that start and end inside arrays
     be = get_backend(device)
     shapes = {"w": (3, 4), "b": (5,), "k": (2, 2, 2)}

@@ -7,7 +7,7 @@ import pytest
 
 from minidiff.backend import to_numpy
 from minidiff.models import MODELS, MLPDenoiser, build_model
-from minidiff.unet import UNet
+from minidiff.models.unet import UNet
 from test_unet import TOL, compare_with_twin, perturbed
 
 

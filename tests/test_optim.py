@@ -322,7 +322,7 @@ def test_mixed_dtype_parameters_share_scratch_per_dtype():
 
 
 def test_the_fused_gpu_kernels_are_chosen_only_where_they_compute_the_same_rule():
-    from minidiff.optim import fused
+    from minidiff.kernels import optim_cuda as fused
     params = {"w": np.zeros(3, dtype=np.float32)}
 
     class Clipped(Adam):   # a subclass with its own rule must not inherit Adam's kernel
@@ -340,7 +340,7 @@ def test_the_fused_gpu_kernels_are_chosen_only_where_they_compute_the_same_rule(
 
 
 def _emulated_kernels(xp, name):
-    """NumPy stand-ins for minidiff.optim.fused's CUDA kernels, term for term (each line is the kernel's line), so
+    """NumPy stand-ins for minidiff.kernels.optim_cuda's CUDA kernels, term for term (each line is the kernel's line), so
     the CPU can check what the GPU path hands them: the argument order and every per-step scalar."""
     def grad_of(grad, sign, wd, theta):
         return wd * theta + sign * grad if wd != 0 else sign * grad
@@ -375,8 +375,8 @@ def test_the_fused_step_hands_its_kernels_the_generic_steps_numbers(name, hyper,
     for bit: the kernels do the same float32 operations in the same order, so any difference is in the plumbing.
     end-to-end: parameters and gradients laid out alike (a model's), one launch per run instead of per array, against
     the generic step on separate arrays."""
-    from minidiff.flat import FlatArrays, gather, total_size
-    from minidiff.optim import fused
+    from minidiff.kernels.flat import FlatArrays, gather, total_size
+    from minidiff.kernels import optim_cuda as fused
     rng = np.random.default_rng(4)
     shapes = {"w": (6, 3, 3, 3), "b": (6,)}
     start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}

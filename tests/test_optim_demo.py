@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from minidiff.optim_demo import DEMO_OPTIMIZERS, make_problem, run_optimizer
+from minidiff.study.optim_demo import DEMO_OPTIMIZERS, make_problem, run_optimizer
 
 
 def _steps(kappa, optimizer, tol=1e-6):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from minidiff.clip import clip_grad_norm
-from minidiff.flat import FlatArrays
+from minidiff.optim.clip import clip_grad_norm
+from minidiff.kernels.flat import FlatArrays
 from minidiff.optim import SGD, Adam, AdamW, NAdam
 
 SHAPES = {"conv.w": (4, 3, 3, 3), "conv.b": (4,), "dense.w": (5, 7), "gain": ()}

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from minidiff import probes
+from minidiff.instruments import probes
 from minidiff.backend import get_backend, to_float, to_numpy
-from minidiff.diffusion import training_loss
+from minidiff.diffusion.losses import training_loss
 from minidiff.models import MLPDenoiser
 from minidiff.optim import SGD, Adam
-from minidiff.schedules import make_schedule
-from minidiff.unet import UNet
+from minidiff.diffusion.schedules import make_schedule
+from minidiff.models.unet import UNet
 
 SCHEDULE = make_schedule("linear", 100)
 

@@ -1,4 +1,4 @@
-"""Batch parts in worker processes (minidiff.procs): the same bits as the threaded parts, a part's error raised in
+"""Batch parts in worker processes (minidiff.execution.processes): the same bits as the threaded parts, a part's error raised in
 the caller, dead workers reported and replaced, and workers that leave with their model."""
 
 import gc
@@ -12,9 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from minidiff import denoiser, procs
+from minidiff.models import base as denoiser
+from minidiff.execution import processes as procs
 from minidiff.optim import build_optimizer
-from minidiff.unet import UNet
+from minidiff.models.unet import UNet
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 pytestmark = pytest.mark.skipif(not procs.USE_PROCESSES, reason="worker processes run on Linux only")
@@ -120,7 +121,7 @@ class FakeBlas:
 def test_fewer_parts_reuse_the_workers_and_blas_gets_its_threads_back(monkeypatch):
     """With 4 BLAS threads: 3 workers at the first split; a 2-part forward between a 4-part forward and its backward
     uses the first worker and leaves the others' tapes alone; BLAS ends at 4 threads, not at a part count."""
-    from minidiff import parallel
+    from minidiff.execution import threads as parallel
     blas = FakeBlas(4)
     monkeypatch.setattr(parallel, "_blas_controller", lambda: blas)
     monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS", 1)
@@ -156,8 +157,9 @@ def test_workers_exit_when_their_parent_is_killed():
     code = textwrap.dedent("""
         import time
         import numpy as np
-        from minidiff import denoiser, parallel
-        from minidiff.unet import UNet
+        from minidiff.models import base as denoiser
+        from minidiff.execution import threads as parallel
+        from minidiff.models.unet import UNet
 
         class Blas:   # three workers, whatever this machine has
             num_threads = 4
@@ -200,7 +202,7 @@ def test_workers_started_before_the_optimizer_do_not_keep_copies_of_its_state(tw
     (copy-on-write): 2 x the parameters. start_workers forks first, so the state is the parent's alone. Nor does a
     worker keep copies of the heap blocks the parent had freed before the fork and reuses after it: it hands them
     back first (without that, the freed 120 MB below add ~20 MiB to the early worker and the test fails)."""
-    from minidiff.workspace import retain_freed_memory
+    from minidiff.kernels.workspace import retain_freed_memory
     monkeypatch.setattr(procs, "USE_PROCESSES", True)
     retain_freed_memory()
     junk = [np.ones(100_000) for _ in range(150)]   # freed heap blocks, as a long-running process has them
@@ -228,8 +230,8 @@ def test_workers_started_before_the_optimizer_do_not_keep_copies_of_its_state(tw
 def test_trainer_sampling_forks_workers_per_call_and_leaves_none_behind(two_parts, monkeypatch):
     """The sampling model's workers are closed after each sample (between samples they would fill with copies of
     what training rewrites); forked anew, they give the same samples."""
-    from minidiff.config import TrainConfig
-    from minidiff.train import Trainer
+    from minidiff.training.config import TrainConfig
+    from minidiff.training.trainer import Trainer
     monkeypatch.setattr(procs, "USE_PROCESSES", True)
     forks = []
     init = procs.PartWorkers.__init__
@@ -247,9 +249,9 @@ def test_trainer_sampling_forks_workers_per_call_and_leaves_none_behind(two_part
 
 
 def test_models_that_never_split_and_read_only_trainers_fork_no_workers(two_parts, monkeypatch):
-    from minidiff.config import TrainConfig
+    from minidiff.training.config import TrainConfig
     from minidiff.models import MLPDenoiser
-    from minidiff.train import Trainer
+    from minidiff.training.trainer import Trainer
     monkeypatch.setattr(procs, "USE_PROCESSES", True)
     mlp = MLPDenoiser()
     mlp.start_workers((4096, 2))   # its forward takes the whole batch: workers would idle all run

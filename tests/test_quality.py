@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from minidiff import quality
+from minidiff.instruments import quality
 from minidiff.backend import get_backend
-from minidiff.classifier import DigitsClassifier, load_classifier, softmax_cross_entropy_backward, \
+from minidiff.instruments.classifier import DigitsClassifier, load_classifier, softmax_cross_entropy_backward, \
     softmax_cross_entropy_forward
-from minidiff.data import load_dataset
+from minidiff.datasets import load_dataset
 
 
 def _random_spd(rng, d):

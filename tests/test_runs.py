@@ -1,4 +1,4 @@
-"""minidiff.runs: exact checkpoints, metrics, no clobbering, damage reports, and survival of SIGKILL at any moment."""
+"""minidiff.runs.file: exact checkpoints, metrics, no clobbering, damage reports, and survival of SIGKILL at any moment."""
 
 import json
 import os
@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from minidiff.runs import RunFile, RunFileError, RunFileExistsError
-from minidiff.strict import StrictArray
+from minidiff.runs.file import RunFile, RunFileError, RunFileExistsError
+from minidiff.backend.strict import StrictArray
 
 
 def _state(seed=0):
@@ -84,7 +84,7 @@ def test_device_arrays_in_a_checkpoint_come_back_as_equal_host_arrays(tmp_path):
 
 
 def test_batch_order_resumed_through_a_run_file_checkpoint_is_identical(tmp_path):
-    from minidiff.data import BatchIterator
+    from minidiff.datasets import BatchIterator
 
     data = np.arange(30.0)
     straight = BatchIterator(data, 4, seed=3)
@@ -291,7 +291,7 @@ def test_checkpoint_of_10mb_is_rewritten_whole_without_leaking_space_or_stalling
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from minidiff.runs import RunFile
+    from minidiff.runs.file import RunFile
     run = RunFile.create(sys.argv[1], {"seed": 0}, "crash-writer")
     print("ready", flush=True)
     rng = np.random.default_rng(0)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from minidiff.backend import get_backend, to_numpy
-from minidiff.diffusion import PREDICTIONS
-from minidiff.samplers import TIMESTEP_SPACINGS, ddim_sample, ddim_timesteps, ddpm_sample
-from minidiff.schedules import extract, make_schedule
-from minidiff.strict import StrictArray
+from minidiff.diffusion.losses import PREDICTIONS
+from minidiff.diffusion.samplers import TIMESTEP_SPACINGS, ddim_sample, ddim_timesteps, ddpm_sample
+from minidiff.diffusion.schedules import extract, make_schedule
+from minidiff.backend.strict import StrictArray
 
 MU, SIGMA = 1.5, 0.4
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minidiff.backend import get_backend
-from minidiff.schedules import ABAR_FLOOR, SCHEDULES, extract, make_schedule
+from minidiff.diffusion.schedules import ABAR_FLOOR, SCHEDULES, extract, make_schedule
 
 TABLE_T = [0, 99, 249, 499, 749, 999]
 LINEAR_ABAR = [0.9999, 0.897018, 0.524085, 0.0785872, 0.00335055, 4.03583e-5]

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from minidiff.compare import MissingExtra
-from minidiff.runs import RunFile
-from minidiff.sweep import expand_grid, load_grid, run_point, run_sweep, sweep_points
-from minidiff.train import start_run
+from minidiff.study.compare import MissingExtra
+from minidiff.runs.file import RunFile
+from minidiff.study.sweep import expand_grid, load_grid, run_point, run_sweep, sweep_points
+from minidiff.training.trainer import start_run
 
 # Probes and evaluation off: the sweep machinery is under test here, and every figure costs time.
 BASE = dict(dataset="moons", timesteps=50, batch_size=64, steps=12, log_every=4, ckpt_every=6, sample_every=100,
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_blas_thread")
 def no_figures(monkeypatch):
     """The report is tested once (local_sweep) and in test_compare.py; elsewhere its figures would only cost time."""
     calls = []
-    monkeypatch.setattr("minidiff.sweep.compare_runs", lambda paths, out_dir: calls.append(list(paths)))
+    monkeypatch.setattr("minidiff.study.sweep.compare_runs", lambda paths, out_dir: calls.append(list(paths)))
     return calls
 
 

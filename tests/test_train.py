@@ -12,9 +12,9 @@ import warnings
 import numpy as np
 import pytest
 
-from minidiff.config import TrainConfig
-from minidiff.runs import RunFile
-from minidiff.train import Trainer, TrainingDiverged, resume_run, start_run
+from minidiff.training.config import TrainConfig
+from minidiff.runs.file import RunFile
+from minidiff.training.trainer import Trainer, TrainingDiverged, resume_run, start_run
 
 TINY_UNET = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4)
 
@@ -183,8 +183,8 @@ _LONG_RUN = dict(dataset="moons", batch_size=32, steps=100000, timesteps=50, log
                  sample_every=100000, sample_steps=2)
 _KILL_SCRIPT = """
 import json, sys
-from minidiff.config import TrainConfig
-from minidiff.train import start_run
+from minidiff.training.config import TrainConfig
+from minidiff.training.trainer import start_run
 trainer, run = start_run(TrainConfig(**json.loads(sys.argv[2])), sys.argv[1])
 print("started", flush=True)
 trainer.train(run, 100000)

@@ -1,15 +1,15 @@
-"""The whole UNet against PyTorch autograd (through minidiff.torch_twin), plus the model interface contract."""
+"""The whole UNet against PyTorch autograd (through minidiff.bench.torch_twin), plus the model interface contract."""
 
 import json
 
 import numpy as np
 import pytest
 
-from minidiff.attention import AttnBlock
+from minidiff.nn.attention import AttnBlock
 from minidiff.backend import to_numpy
-from minidiff.denoiser import Tape
+from minidiff.models.base import Tape
 from minidiff.models import build_model
-from minidiff.unet import ResBlock, UNet
+from minidiff.models.unet import ResBlock, UNet
 from test_layers import numeric_grad, rel_error
 
 CONFIGS = {  # (constructor kwargs, input shape)
@@ -39,7 +39,7 @@ def max_rel(ours, ref):
 
 def compare_with_twin(torch, model, x_shape, tol, seed=2):
     """Output and every parameter gradient of model vs its torch twin, for loss = sum(out * dout)."""
-    from minidiff.torch_twin import torch_twin
+    from minidiff.bench.torch_twin import torch_twin
 
     rng = np.random.default_rng(seed)
     x, dout = rng.standard_normal(x_shape), rng.standard_normal(x_shape)
@@ -212,7 +212,7 @@ def test_bad_inputs_are_clear_errors():
 def test_package_import_does_not_need_torch():
     import subprocess
     import sys
-    code = ("import sys; sys.modules['torch'] = None; import minidiff.models, minidiff.torch_twin; "
+    code = ("import sys; sys.modules['torch'] = None; import minidiff.models, minidiff.bench.torch_twin; "
             "minidiff.models.build_model('unet', base_channels=8, groups=4)")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import DataError
+from minidiff.datasets.base import DataError
 
 
 class BatchIterator:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DataError
+from minidiff.datasets.base import DataError
 
 DIGITS_FILE = "digits.csv.gz"
 

@@ -2,7 +2,7 @@
 
 The format is recognised from the file's first bytes, not its name, so `train-images-idx3-ubyte.gz`,
 `images.npy.gz` and an HDF5 file called `data.bin` all load. Arrays come back raw (dtype and shape as stored);
-`minidiff.data.load_dataset` validates, reshapes and scales them.
+`minidiff.datasets.load_dataset` validates, reshapes and scales them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DataError
+from minidiff.datasets.base import DataError
 
 GZIP_MAGIC = b"\x1f\x8b"
 NPY_MAGIC = b"\x93NUMPY"
@@ -61,7 +61,7 @@ def _load_npz(raw, path, key, labels_key):
 
 
 def _load_h5(raw, path, key, labels_key):
-    import h5py  # a dependency, imported late so `minidiff.data` stays light for the point sets
+    import h5py  # a dependency, imported late so `minidiff.datasets` stays light for the point sets
 
     with h5py.File(io.BytesIO(raw), "r") as f:
         names = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import to_numpy
+from minidiff.backend import to_numpy
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: greyscale, RGB, RGBA

@@ -8,7 +8,7 @@ per parameter — and each step turns the gradient g_t = ∇f(θ_{t-1}) into an 
 - Heavy-ball momentum (`SGD(momentum=μ)`): b_t = μ b_{t-1} + g_t, u_t = −γ b_t. The buffer averages gradients, so
   directions where they agree accumulate speed (the steady step is γ g / (1 − μ)) and directions where they flip sign
   cancel. On the quadratic, with γ = 4 / (√L + √μ)² and μ = ((√κ − 1) / (√κ + 1))², the rate is (√κ − 1) / (√κ + 1):
-  ~√κ/2 steps per factor e, √κ times fewer than gradient descent (`minidiff.optim_demo` measures it).
+  ~√κ/2 steps per factor e, √κ times fewer than gradient descent (`minidiff.study.optim_demo` measures it).
 - Nesterov momentum (`SGD(nesterov=True)`): u_t = −γ (g_t + μ b_t), a step that looks one momentum step ahead.
   It damps heavy ball's overshoot, and its acceleration is guaranteed on every smooth (strongly) convex function,
   whereas heavy ball's √κ rate is a fact about quadratics: on other strongly convex functions its tuned setting can
@@ -21,7 +21,7 @@ per parameter — and each step turns the gradient g_t = ∇f(θ_{t-1}) into an 
 
 The docstring of each class gives its equations in the order and symbols its code uses, and `SGD`'s says how the other
 common ways of writing momentum map onto PyTorch's — and that they stop agreeing once the learning rate changes during
-a run. Around the optimizers: `minidiff.clip` (global-norm clipping), `minidiff.lr_schedules`, `minidiff.ema`.
+a run. Around the optimizers: `minidiff.optim.clip` (global-norm clipping), `minidiff.optim.lr_schedules`, `minidiff.optim.ema`.
 
 Usage: `opt = build_optimizer("adam", model_params, lr=2e-4)`, then per batch `opt.step(grads)`; set `opt.lr`
 between steps for a schedule; `opt.step(grads, diagnostics=True)` returns 0-d arrays (update norm, update-to-weight
@@ -34,11 +34,11 @@ from __future__ import annotations
 import functools
 import inspect
 
-from ..clip import clip_grad_norm
-from .adam import Adam, AdamW
-from .base import Optimizer
-from .nadam import NAdam
-from .sgd import SGD
+from minidiff.optim.clip import clip_grad_norm
+from minidiff.optim.adam import Adam, AdamW
+from minidiff.optim.base import Optimizer
+from minidiff.optim.nadam import NAdam
+from minidiff.optim.sgd import SGD
 
 OPTIMIZERS = {
     "sgd": SGD,

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import backend_of, get_array_module, is_cupy_module, to_numpy
-from ..flat import FlatArrays, runs as flat_runs
-from . import fused
+from minidiff.backend import backend_of, get_array_module, is_cupy_module, to_numpy
+from minidiff.kernels.flat import FlatArrays, runs as flat_runs
+from minidiff.kernels import optim_cuda as fused
 
 
 def check_nonnegative(name: str, value) -> None:
@@ -175,7 +175,7 @@ class Optimizer:
         self.step_count += 1
         coef = self._coefficients()
         if not diagnostics and self._fused_update is not None and fused.available(self._xp):
-            self._fused_update(self, grads, coef)   # one kernel launch per run or parameter (minidiff.optim.fused)
+            self._fused_update(self, grads, coef)   # one kernel launch per run or parameter (minidiff.kernels.optim_cuda)
             return None
         if not diagnostics and self.runs_apply():
             self._step_runs(grads, coef)
@@ -195,7 +195,7 @@ class Optimizer:
             return diag.result()
         return None
 
-    # Parameters laid end to end (minidiff.flat.FlatArrays, as a Denoiser makes them) are updated a run of whole
+    # Parameters laid end to end (minidiff.kernels.flat.FlatArrays, as a Denoiser makes them) are updated a run of whole
     # arrays at a time: the same operations on the same elements, so the same bits as one array at a time, in a
     # tenth of the calls. Runs of RUN_SIZE elements keep the step's working set (θ, g, u, tmp and the state, a
     # run each) in the L2 cache. Diagnostics steps go one array at a time (their sums and per-parameter norms are
@@ -280,7 +280,7 @@ class Optimizer:
 
     @property
     def _fused_update(self):
-        """The fused CuPy step for this configuration (minidiff.optim.fused.adam or .sgd, called as
+        """The fused CuPy step for this configuration (minidiff.kernels.optim_cuda.adam or .sgd, called as
         f(optimizer, grads, coef): one launch per run, or per parameter where the gradients are not laid out like the
         parameters), or None."""
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Optimizer, check_beta, check_nonnegative, check_positive
+from minidiff.optim.base import Optimizer, check_beta, check_nonnegative, check_positive
 
 
 class NAdam(Optimizer):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import fused
-from .base import Optimizer, check_nonnegative
+from minidiff.kernels import optim_cuda as fused
+from minidiff.optim.base import Optimizer, check_nonnegative
 
 
 class SGD(Optimizer):

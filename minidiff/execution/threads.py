@@ -1,0 +1,130 @@
+"""CPU parallelism: independent parts of a batch on the cores, each part single-threaded.
+
+NumPy runs elementwise work and copies on one core; only its BLAS is multi-threaded, and two BLAS threads sharing one
+of a chunked convolution's small products (1792 x 288 x 32) scale poorly. But the images of a batch are independent
+in a UNet (no batch statistics), so a model can run the forward and backward of each part of its batch on its own
+core: `map_parts` hands the parts to a pool of Python threads, BLAS held to one thread meanwhile. NumPy releases the
+GIL inside its copies, ufunc loops and BLAS calls, so all the work of a step -- products, GroupNorm, attention,
+copies -- runs side by side; only the Python between NumPy calls takes turns. (scikit-learn drives BLAS threads
+with threadpoolctl the same way.) Used by `Denoiser._forward_in_parts` / `_backward_in_parts` where worker
+processes are not (minidiff.execution.processes: the plain NumPy backend on Linux runs its parts in processes, because those
+turns cost far more than the Python itself on this project's VMs; the strict test backend and other systems use
+the threads here).
+
+The number of workers is NumPy's BLAS thread count at the time of the call, read through threadpoolctl: whatever
+limits BLAS (threadpool_limits, OPENBLAS_NUM_THREADS) limits minidiff as well, and the PyTorch comparison in the
+benchmark gives torch that same count. Without threadpoolctl, on CuPy (a GPU wants one large launch), or inside a
+part, parts run one after another on the calling thread. Each part writes only its own rows and `map_parts`
+returns the parts' results in part order, so for a given number of workers every result is reproducible bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import concurrent.futures
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy
+
+from minidiff.backend import is_cupy_module
+
+_LOCAL = threading.local()   # .in_worker: set on pool threads, so nested calls run serially
+_POOL: dict = {}
+_HELD = {"workers": None}    # set while `_blas_held` keeps BLAS on one thread: the worker count it found
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_controller():
+    """threadpoolctl's controller of NumPy's BLAS, or None (threadpoolctl missing, or no BLAS found)."""
+    try:   # numpy (imported above) has loaded BLAS before threadpoolctl looks for it
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    libs = ThreadpoolController().select(user_api="blas").lib_controllers
+    return libs[0] if libs else None
+
+
+def cpu_workers(xp) -> int:
+    """How many threads `map_parts` uses for arrays of module `xp`: BLAS's thread count on the CPU, else 1."""
+    if is_cupy_module(xp) or getattr(_LOCAL, "in_worker", False):
+        return 1
+    if _HELD["workers"] is not None:
+        return _HELD["workers"]
+    blas = _blas_controller()
+    return max(1, int(blas.num_threads)) if blas is not None else 1
+
+
+@contextlib.contextmanager
+def _blas_held(workers):
+    """BLAS on one thread while the parts run (restored after, also on errors); nested uses are no-ops."""
+    if _HELD["workers"] is not None:
+        yield
+        return
+    blas = _blas_controller()
+    before = blas.num_threads
+    blas.set_num_threads(1)
+    _HELD["workers"] = workers
+    try:
+        yield
+    finally:
+        _HELD["workers"] = None
+        blas.set_num_threads(before)
+
+
+def enter_worker():
+    """In a worker process (minidiff.execution.processes): nested map_parts calls run serially and BLAS keeps one thread."""
+    _LOCAL.in_worker = True
+    _HELD["workers"] = None
+    blas = _blas_controller()
+    if blas is not None:
+        blas.set_num_threads(1)
+
+
+def _pool(workers):
+    if workers not in _POOL:
+        _POOL[workers] = ThreadPoolExecutor(workers - 1, thread_name_prefix="minidiff",
+                                            initializer=lambda: setattr(_LOCAL, "in_worker", True))
+    return _POOL[workers]
+
+
+def map_parts(fn, parts, xp):
+    """[fn(part) for part in parts], computed by up to `cpu_workers(xp)` threads (worker k takes parts k, k + w, ...).
+
+    fn must touch only its own part's outputs and use per-thread scratch (minidiff.kernels.workspace keys by thread).
+    """
+    parts = list(parts)
+    workers = min(cpu_workers(xp), len(parts))
+    if workers <= 1:
+        return [fn(p) for p in parts]
+
+    errstate = numpy.geterr()   # threads start with NumPy's default error handling: use the caller's
+
+    def run(k):  # in a part, nested map_parts calls run serially: the cores are busy with the parts already
+        nested = getattr(_LOCAL, "in_worker", False)
+        _LOCAL.in_worker = True
+        try:
+            with numpy.errstate(**errstate):
+                return [fn(p) for p in parts[k::workers]]
+        finally:
+            _LOCAL.in_worker = nested
+
+    with _blas_held(cpu_workers(xp)):
+        futures = [_pool(workers).submit(run, k) for k in range(1, workers)]
+        try:
+            groups = [run(0)]
+        finally:   # wait for every worker, even if this thread's parts failed (then its error is the one raised)
+            concurrent.futures.wait(futures)
+        groups += [f.result() for f in futures]
+    results = [None] * len(parts)
+    for k, group in enumerate(groups):
+        results[k::workers] = group
+    return results
+
+
+def batch_parts(n, parts):
+    """Split range(n) into at most `parts` contiguous (start, stop) ranges of near-equal size."""
+    parts = max(1, min(n, parts))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))

@@ -1,0 +1,212 @@
+"""Channels-last GroupNorm, optionally fused with the SiLU that follows it in every DDPM block.
+
+x (N, *spatial, C): each image's C channels form `groups` groups of Cg = C / groups consecutive channels, normalised
+over (spatial, Cg) as torch.nn.GroupNorm does. Written for speed on NumPy without losing the reference form:
+- per-(image, channel) sums are one batched matrix-vector product (`channel_sums`), an order of magnitude faster in
+  NumPy than a reduction over a strided axis;
+- normalise, scale and shift fold into one multiply and one add with per-(image, channel) coefficients a, b:
+  h = x_hat * gamma + beta = x * a + b, a = inv_std * gamma, b = beta - mean * a;
+- SiLU is written as h * sigmoid(h) = h/2 + (h/2) tanh(h/2) (sigmoid = (1 + tanh(h/2)) / 2 never overflows), and
+  h/2 comes straight out of the folded affine map with a/2, b/2;
+- fused with SiLU, the cache is the input x (alive anyway: it is the block's input), two (N, groups) arrays and
+  SiLU's derivative at h, formed in the forward from the h/2 and tanh(h/2) it has at hand (PyTorch keeps h instead:
+  the same memory, but its backward must recompute the sigmoid); the backward never recomputes a tanh;
+- temporaries live in reused scratch buffers (minidiff.kernels.workspace); only the output is a new array.
+- the per-(image, channel) coefficients are applied on "wide rows": x (N, S, C) seen as (N, S / k, k C) with the
+  coefficients tiled k times, so NumPy's inner loop runs over k C elements instead of C (a broadcast over 16
+  channels runs ~3x slower per element than a flat loop; see `_wide`);
+- per-group and per-channel values move between (N, G), (N, C) and the tiled (N, k C) by products with constant
+  0/1 matrices (`_maps`): one small matmul instead of a reshape-sum, a repeat and a concatenate. Each output of a
+  spreading or tiling product is one value times 1 plus zeros, so it is exact for finite values (an inf turns the
+  other columns' 0 * inf into NaN: a diverged run is non-finite either way); a group sum is a BLAS product, whose
+  float32 rounding can differ from the reduction it replaced (docs/momentum-study.md says what that changed).
+On CuPy all of this is launches, not arithmetic: `minidiff.kernels.norm_cuda` computes the same function in fused kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from minidiff.kernels import norm_cuda as norm_gpu
+from minidiff.backend import get_array_module, is_cupy_module, matmul
+from minidiff.execution.threads import batch_parts
+from minidiff.kernels.workspace import constant, ones_row, scratch
+
+
+def channel_sums(a):
+    """a (N, S, C) -> (N, C), sums over S as a batched matrix-vector product. Also the conv bias gradient and the
+    UNet's timestep gradient. Far faster than a.sum(axis=1), a reduction over a strided axis, on both backends: in
+    NumPy; and on CuPy, whose reduction gives each of the few outputs one thread block that walks S alone (110 us a
+    call on average; such sums were 47% of a 32x32 training step's device time) where cuBLAS splits S."""
+    return matmul(ones_row(a.shape[1], a), a).reshape(a.shape[0], a.shape[2])
+
+
+WIDE = 128   # target inner-loop length (elements) of the broadcast products; tests lower it to exercise 1 < k < S
+
+
+def _wide(x3):
+    """k = the largest divisor of S with k * C <= WIDE (at least 1), for x3 (N, S, C) seen as (N, S / k, k * C)."""
+    return _wide_factor(x3.shape[1], x3.shape[2], WIDE)
+
+
+@functools.lru_cache(maxsize=None)
+def _wide_factor(S, C, wide):
+    return max(k for k in range(1, S + 1) if S % k == 0 and (k * C <= wide or k == 1))
+
+
+def tiled(v, k):
+    """v (..., C) -> (..., k C): v repeated k times along its last axis, as one exact product with a 0/1 matrix."""
+    C = v.shape[-1]
+    return v @ constant(("tile", C, k), v, lambda xp, dtype: (xp.arange(k * C)[None, :] % C ==
+                                                             xp.arange(C)[:, None]).astype(dtype))
+
+
+def add_channels(a, v):
+    """a (N, *spatial, C) += v in place, v (C,) per channel or (N, C) per image and channel, on wide rows."""
+    if not a.flags.c_contiguous:
+        raise ValueError("add_channels works in place on a C-contiguous array")   # a reshape would be a copy
+    N, C = a.shape[0], a.shape[-1]
+    if is_cupy_module(get_array_module(a)):   # a broadcast add is one kernel there; wide rows only pay in NumPy
+        a.reshape(N, -1, C)[...] += v if v.ndim == 1 else v[:, None]
+        return a
+    S = a.size // (N * C)
+    k = _wide_factor(S, C, WIDE)
+    if v.ndim == 1:
+        a.reshape(-1, k * C)[...] += tiled(v, k)
+    else:
+        a.reshape(N, S // k, k * C)[...] += tiled(v, k)[:, None]
+    return a
+
+
+def _maps(like, C, groups, k):
+    """Constant 0/1 matrices for C channels in `groups` groups on wide rows of k pixels (per-channel values are
+    tiled by `tiled`): R (C, G) sums each group's channels, E1 (G, C) spreads a group's value over its channels,
+    E (G, k C) does so tiled k times."""
+    def build(xp, dtype):
+        chan = xp.arange(k * C) % C                                    # the channel of each wide-row column
+        E = (chan[None, :] // (C // groups) == xp.arange(groups)[:, None]).astype(dtype)
+        return xp.ascontiguousarray(E[:, :C].T), xp.ascontiguousarray(E[:, :C]), E
+    return constant(("group_norm", C, groups, k), like, build)
+
+
+def _group_means(per_channel_sums, R, count):
+    """(N, C) per-channel sums -> (N, G) means over `count` elements per group."""
+    return (per_channel_sums @ R) / count
+
+
+CHUNK_BYTES = 2 << 20   # bytes of images per call of the NumPy path: see group_norm_nhwc_forward
+
+
+def _by_chunks(xp, x, part, *per_image):
+    """part(*per_image) on chunks of about CHUNK_BYTES of x's images (None entries stay None), its per-image results
+    joined in order; a small x (most calls) goes whole, with no slicing or joining (a few us of a ~0.2 ms call)."""
+    if x.nbytes <= CHUNK_BYTES:
+        return part(*per_image)
+    results = [part(*(None if a is None else a[lo:hi] for a in per_image))
+               for lo, hi in batch_parts(x.shape[0], -(-x.nbytes // CHUNK_BYTES))]
+    return tuple(xp.concatenate(r) for r in zip(*results))
+
+
+def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=True):
+    """GroupNorm (then SiLU if `silu`): x (N, *spatial, C), gamma/beta (C,) -> out like x, cache.
+
+    mean, var = mean and biased variance of each (image, group), two-pass (the variance of x - mean);
+    h = x_hat * gamma + beta with x_hat = (x - mean) / sqrt(var + eps); out = h, or h * sigmoid(h) with silu.
+    cache=False (a forward that will not be differentiated: sampling, evaluation) skips SiLU's derivative, three
+    of the forward's passes, and returns None for the cache.
+    Every value is per image, so on NumPy a large x goes a few images at a time (the same function; the last bits
+    can depend on the chunk, as the per-image sums are batched matrix products): each chunk's ten-odd passes then
+    stay in the cache (a 32-image 32x32x64 GroupNorm + backward, one core: 11.3 ms whole, 7.4 ms in 2 MiB chunks;
+    1 MiB chunks slow the 2 MiB inputs of the 16x16 model down), and the scratch buffers are a chunk's size.
+    """
+    xp = get_array_module(x)
+    if is_cupy_module(xp):
+        return norm_gpu.group_norm_forward(xp, x, gamma, beta, groups, eps, silu, cache)
+    out = xp.empty(x.shape, dtype=x.dtype)   # C-contiguous whatever x's layout: the parts write through reshapes
+    dsilu = xp.empty(x.shape, dtype=x.dtype) if silu and cache else None   # 2 SiLU'(h), for the backward
+    mean, inv_std = _by_chunks(xp, x, functools.partial(_forward_part, xp, gamma, beta, groups, eps, silu),
+                               x, out, dsilu)
+    return out, ((x, mean, inv_std, gamma, groups, dsilu) if cache else None)
+
+
+def _forward_part(xp, gamma, beta, groups, eps, silu, x, out, dsilu):
+    """The forward on images x, into out and dsilu (None: no cache) -> their (n, G) mean and inv_std."""
+    N, C = x.shape[0], x.shape[-1]
+    x3 = x.reshape(N, -1, C)
+    count, k = x3.shape[1] * (C // groups), _wide(x3)
+    R, _, E = _maps(x, C, groups, k)
+    xw = x3.reshape(N, -1, k * C)                                            # wide rows (see the module doc)
+    out, tmp = out.reshape(xw.shape), scratch("gn.tmp", xw.shape, xw)
+    mean = _group_means(channel_sums(x3), R, count)                         # (N, G)
+    mean_t = mean @ E                                                        # (N, k C), tiled like a wide row
+    xp.subtract(xw, mean_t[:, None], out=tmp)
+    tmp *= tmp
+    inv_std = 1.0 / xp.sqrt(_group_means(channel_sums(tmp.reshape(x3.shape)), R, count) + eps)   # (N, G)
+    a = (inv_std @ E) * tiled(gamma, k)                                      # h = x * a + b, a and b (N, k C)
+    b = tiled(beta, k) - mean_t * a
+    if silu:
+        half_h = xp.multiply(xw, (a * 0.5)[:, None], out=tmp)
+        half_h += (b * 0.5)[:, None]
+        t = xp.tanh(half_h, out=scratch("gn.t", xw.shape, xw))
+        if dsilu is None:   # the same two operations as below, so both forwards agree bit for bit
+            t *= half_h
+            xp.add(half_h, t, out=out)
+            return mean, inv_std
+        dsilu = dsilu.reshape(xw.shape)
+        xp.multiply(half_h, t, out=dsilu)
+        xp.add(half_h, dsilu, out=out)                                      # h s = h/2 + (h/2) t
+        xp.subtract(half_h, dsilu, out=dsilu)                               # 2 SiLU'(h) = (1 + t)(1 + (h/2)(1 - t))
+        dsilu += 1.0
+        t += 1.0
+        dsilu *= t
+    else:
+        xp.multiply(xw, a[:, None], out=out)
+        out += b[:, None]
+    return mean, inv_std
+
+
+# Let h = x_hat * gamma + beta and dh = dL/dh. With SiLU, out = h s, s = sigmoid(h) = (1 + t) / 2, t = tanh(h/2):
+# dh = dout * s (1 + h (1 - s)) = dout * (1 + t)(1 + (h/2)(1 - t)) / 2; the forward stores twice that factor, the
+# backward forms q = 2 dh and halves the sums.
+# GroupNorm: with g = dh * gamma and M elements per group, dx = inv_std * (g - mean_grp(g) - x_hat * mean_grp(g x_hat)).
+# Both group means come from the per-channel sums sum_s dh and sum_s dh * x_hat (which are also dbeta and dgamma),
+# and x_hat = (x - mean) * inv_std, so dx = dh * A + x * B + D with per-(image, channel) coefficients
+# A = inv_std * gamma, B = -inv_std^2 * mean_grp(g x_hat),
+# D = inv_std * (mean * inv_std * mean_grp(g x_hat) - mean_grp(g)).
+def group_norm_nhwc_backward(dout, cache):
+    """dout like x -> dx, {"weight": dgamma (C,), "bias": dbeta (C,)}. In chunks of images like the forward."""
+    x, mean, inv_std, gamma, groups, dsilu = cache
+    xp = get_array_module(dout)
+    if is_cupy_module(xp):
+        return norm_gpu.group_norm_backward(xp, dout, cache)
+    dx = xp.empty(dout.shape, dtype=dout.dtype)
+    sum_dxhat, sum_d = _by_chunks(xp, x, functools.partial(_backward_part, xp, gamma, groups),
+                                  dout, x, mean, inv_std, dsilu, dx)
+    return dx, {"weight": sum_dxhat.sum(axis=0), "bias": sum_d.sum(axis=0)}   # image sums added as one, in order
+
+
+def _backward_part(xp, gamma, groups, dout, x, mean, inv_std, dsilu, dx):
+    """The backward on images x, into dx -> the per-image (n, C) sums of dh * x_hat and dh."""
+    N, C = x.shape[0], x.shape[-1]
+    x3 = x.reshape(N, -1, C)
+    count, k = x3.shape[1] * (C // groups), _wide(x3)
+    R, E1, E = _maps(x, C, groups, k)
+    xw, dw = x3.reshape(N, -1, k * C), dout.reshape(N, -1, k * C)            # wide rows (see the module doc)
+    dx = dx.reshape(xw.shape)
+    mean_c, inv_c = mean @ E1, inv_std @ E1                                  # (N, C)
+    if dsilu is not None:
+        q = xp.multiply(dw, dsilu.reshape(xw.shape), out=dx)                # 2 dh
+        half = 0.5
+    else:
+        q, half = dw, 1.0
+    tmp = xp.multiply(q, xw, out=scratch("gn.tmp", xw.shape, xw))
+    q3, tmp3 = q.reshape(x3.shape), tmp.reshape(x3.shape)
+    sum_d, sum_dx = channel_sums(q3) * half, channel_sums(tmp3) * half     # sum_s dh, sum_s dh * x   (N, C)
+    sum_dxhat = (sum_dx - mean_c * sum_d) * inv_c                            # sum_s dh * x_hat
+    mean_g = _group_means(sum_d * gamma, R, count)                           # (N, G)
+    mean_gx = _group_means(sum_dxhat * gamma, R, count)
+    xp.multiply(xw, ((-inv_std * inv_std * mean_gx) @ E)[:, None], out=tmp)        # x * B
+    tmp += ((inv_std * (mean * inv_std * mean_gx - mean_g)) @ E)[:, None]           # + D
+    xp.multiply(q, tiled(inv_c * gamma * half, k)[:, None], out=dx)                # dh * A (q may be dx itself)
+    dx += tmp
+    return sum_dxhat, sum_d

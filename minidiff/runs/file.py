@@ -1,0 +1,374 @@
+"""One HDF5 file per training run: metrics, a checkpoint, samples and the run's identity; crash-safe.
+
+Layout and guarantees: docs/run-format.md. The short version:
+
+    run = RunFile.create("runs/a.h5", config, command_line)      # never clobbers an existing file
+    run.log(step, loss=0.1, lr=1e-3, timestep_loss=vec)          # buffered in memory
+    run.save_checkpoint({"step": step, "params": {...}, ...})    # writes metrics + checkpoint, atomically
+    run.set_status("finished")
+    state = RunFile.open("runs/a.h5", mode="a").resume()        # checkpoint back, later metrics dropped
+
+Crash safety: HDF5 has no journal, so a process killed while it modifies a file can leave the whole file unreadable.
+This module therefore never modifies a run file in place. Every flush writes a complete new file beside it
+(`<name>.h5.tmp`: root attributes, all metrics, the new checkpoint or a copy of the old one, the samples), fsyncs it,
+renames it over the original with os.replace (atomic on POSIX and Windows) and fsyncs the directory. A reader, or a
+run killed at any instant, sees either the old complete file or the new complete one. Rebuilding (rather than copying
+the file and editing the copy) also keeps the file compact: HDF5 does not reclaim the space of deleted objects.
+Between flushes the file is closed, so other processes can inspect it while a run trains.
+
+RunFile decides when a file is rebuilt and how it is published; minidiff.runs.layout writes and verifies
+the parts (metrics, checkpoint, samples). RunFileError and the format constants are importable from here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from minidiff import __version__
+from minidiff.backend import to_numpy
+from minidiff.runs.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, RunFileError, host_attr, read_and_verify,
+                         read_checked, write_metrics, write_samples)
+from minidiff.runs.tree import TreeError, read_tree, write_tree
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "STATUSES", "RunFile", "RunFileError", "RunFileExistsError"]
+
+STATUSES = ("running", "finished", "diverged", "interrupted")
+
+
+class RunFileExistsError(RunFileError, FileExistsError):
+    """The run file exists and overwrite was not requested."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_path(path, directory=False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # directories cannot be opened on Windows; os.replace is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class RunFile:
+    """A run file on disk plus its pending (not yet flushed) metric rows. Build with create() or open()."""
+
+    def __init__(self, path, writable: bool, attrs: dict, metrics: dict, ckpt_step):
+        self.path = Path(path)
+        self.writable = writable
+        self._attrs = attrs
+        self._flushed = metrics      # name -> host array, all with len == len(metrics["step"])
+        self._pending = []           # [(step, {name: float | 1-D array})] logged since the last flush
+        self._widths = {k: (v.shape[1] if v.ndim == 2 else None) for k, v in metrics.items() if k != "step"}
+        self._ckpt_step = ckpt_step
+
+    # --- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path, config: dict, command_line: str = "", overwrite: bool = False, backend: str = "numpy",
+               versions: dict | None = None) -> "RunFile":
+        """Write a new run file (status "running", no metrics, no checkpoint) and return it open for writing.
+
+        config: the full configuration, stored as JSON. versions: extra library versions (e.g. {"cupy": "13.3"}).
+        An existing file is replaced only with overwrite=True, and then atomically. Parent folders are created.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise RunFileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        try:
+            config_json = json.dumps(config)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config must be JSON-serialisable: {exc}") from None
+        attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "minidiff_version": __version__,
+                 "created": _now(), "command_line": command_line, "config": config_json, "status": "running",
+                 "status_message": "", "backend": backend, "numpy_version": np.__version__,
+                 "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
+                 "python_version": platform.python_version(), "platform": platform.platform()}
+        attrs.update({f"{k}_version": str(v) for k, v in (versions or {}).items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run = cls(path, True, attrs, {"step": np.zeros(0, dtype=np.int64)}, None)
+        run._remove_tmp()
+        run._rewrite(publish="overwrite" if overwrite else "new")  # nothing of an overwritten run is kept
+        return run
+
+    @classmethod
+    def open(cls, path, mode: str = "r") -> "RunFile":
+        """Open an existing run file: mode "r" to inspect or sample, "a" to continue writing (see resume()).
+
+        The whole file is checked on open: root attributes, every metric, every checkpoint leaf's checksum and every
+        sample; damage raises RunFileError naming the part. A leftover `<name>.h5.tmp` (a flush that was killed)
+        is ignored, and removed in mode "a".
+        """
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        path = Path(path)
+        attrs, metrics, ckpt_step = read_and_verify(path)
+        run = cls(path, mode == "a", attrs, metrics, ckpt_step)
+        if run.writable:
+            run._remove_tmp()
+        return run
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Flush pending metrics (the file itself is only ever open inside a flush)."""
+        if self.writable and self._pending:
+            self.flush()
+
+    # --- properties ----------------------------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        return dict(self._attrs)
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self._attrs["config"])
+
+    @property
+    def status(self) -> str:
+        return self._attrs["status"]
+
+    @property
+    def checkpoint_step(self):
+        """The step of the stored checkpoint, or None when no checkpoint was saved yet."""
+        return self._ckpt_step
+
+    # --- metrics -------------------------------------------------------------------------------------------------
+    def log(self, step: int, **values) -> None:
+        """Buffer one row of metrics at `step` (scalars, or 1-D vectors such as timestep_loss).
+
+        Every metric gets a row for every logged step (NaN where a step did not log it); logging the same step
+        again fills in that row. Steps must not decrease. Nothing reaches the disk until flush() or a checkpoint.
+        """
+        self._require_writable()
+        step = int(step)
+        last = self._last_step()
+        if last is not None and step < last:
+            raise ValueError(f"metrics step went back from {last} to {step}; resume() truncates after a checkpoint")
+        row = {}
+        for name, v in values.items():
+            if name == "step" or "/" in name or not name:
+                raise ValueError(f"invalid metric name {name!r}")
+            a = np.asarray(to_numpy(v), dtype=np.float64)
+            width = a.shape[0] if a.ndim == 1 else None
+            if a.ndim > 1 or self._widths.setdefault(name, width) != width:
+                raise ValueError(f"metric {name!r} must stay a scalar or a 1-D vector of one length "
+                                 f"(first logged with width {self._widths.get(name)}), got shape {a.shape}")
+            row[name] = float(a) if width is None else a.copy()
+        self._pending.append((step, row))
+
+    def _last_step(self):
+        if self._pending:
+            return self._pending[-1][0]
+        steps = self._flushed["step"]
+        return int(steps[-1]) if len(steps) else None
+
+    def metrics(self) -> dict:
+        """Every metric as a host array, flushed and pending rows together: "step" (int64), scalars (R,) float64,
+        vectors (R, width) float64."""
+        return {k: v.copy() for k, v in self._materialise().items()}
+
+    def _materialise(self) -> dict:
+        """Flushed arrays + pending rows -> aligned arrays; rows of one step merge, missing values are NaN."""
+        old, pending = self._flushed, list(self._pending)
+        n_old = len(old["step"])
+        if pending and n_old and pending[0][0] == old["step"][-1]:  # more values for the last flushed row
+            n_old -= 1
+            pending.insert(0, (pending[0][0], {k: v[-1] for k, v in old.items() if k != "step"}))
+        steps, rows = [], []
+        for step, row in pending:
+            if steps and steps[-1] == step:
+                rows[-1].update(row)
+            else:
+                steps.append(step)
+                rows.append(dict(row))
+        out = {"step": np.concatenate([old["step"][:n_old], np.asarray(steps, dtype=np.int64)])}
+        names = [k for k in old if k != "step"] + [k for r in rows for k in r if k not in old]
+        for name in dict.fromkeys(names):
+            width = self._widths.get(name)
+            tail = () if width is None else (width,)
+            new = np.full((len(rows),) + tail, np.nan)
+            for i, r in enumerate(rows):
+                if name in r:
+                    new[i] = r[name]
+            head = old[name][:n_old] if name in old else np.full((n_old,) + tail, np.nan)
+            out[name] = np.concatenate([head, new])
+        return out
+
+    def flush(self) -> None:
+        """Write the pending metrics: the file is rebuilt beside itself and atomically replaced."""
+        self._require_writable()
+        self._rewrite()
+
+    # --- checkpoint ----------------------------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict, step: int | None = None) -> None:
+        """Store `state` (a nested dict of arrays, numbers, strings, None, lists and dicts) as the checkpoint,
+        replacing the previous one atomically together with all pending metrics.
+
+        step defaults to state["step"]; resume() keeps the metric rows and samples up to it. Device arrays are
+        copied to the host; load_checkpoint() returns host NumPy arrays, bit for bit.
+        """
+        self._require_writable()
+        if step is None:
+            if not isinstance(state, dict) or "step" not in state:
+                raise ValueError("save_checkpoint needs step= or a state dict with a 'step' entry")
+            step = state["step"]
+        self._rewrite(checkpoint=(state, int(to_numpy(step))))
+
+    def load_checkpoint(self) -> dict:
+        """The stored checkpoint as a nested dict, every leaf checked against its checksum."""
+        if self._ckpt_step is None:
+            raise RunFileError(f"{self.path} holds no checkpoint (the run stopped before its first one)")
+        with self._h5() as f:
+            return self._read_checkpoint(f)
+
+    def _read_checkpoint(self, f) -> dict:
+        try:
+            return read_tree(f["checkpoint/state"])
+        except TreeError as exc:
+            raise RunFileError(f"{self.path}: checkpoint is damaged: {exc}") from None
+
+    def resume(self) -> dict:
+        """Continue this run: return the checkpoint, drop metric rows and samples logged after its step (so the
+        continued run does not duplicate them) and set the status back to "running". Needs mode "a"."""
+        self._require_writable()
+        state = self.load_checkpoint()
+        keep = self._flushed["step"] <= self._ckpt_step
+        self._flushed = {k: v[keep] for k, v in self._flushed.items()}
+        self._pending = [(s, r) for s, r in self._pending if s <= self._ckpt_step]
+        self._attrs.update(status="running", status_message="")
+        self._rewrite(drop_samples_after=self._ckpt_step)
+        return state
+
+    # --- samples and status --------------------------------------------------------------------------------------
+    def add_samples(self, step: int, images, **attrs) -> None:
+        """Store uint8 sample images as samples/<step> with the sampler settings as attributes (flushes)."""
+        self._require_writable()
+        images = to_numpy(images)
+        if images.dtype != np.uint8:
+            raise TypeError(f"samples must be uint8 images (see minidiff.datasets.to_uint8), got {images.dtype}")
+        self._rewrite(samples={int(step): (np.ascontiguousarray(images), attrs)})
+
+    def sample_steps(self) -> list:
+        with self._h5() as f:
+            return sorted(int(k) for k in f["samples"])
+
+    def load_samples(self, step: int | None = None):
+        """(uint8 images, attrs) stored at `step` (default: the latest)."""
+        steps = self.sample_steps()
+        if not steps:
+            raise RunFileError(f"{self.path} holds no samples")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise RunFileError(f"{self.path} has no samples at step {step} (it has {steps})")
+        with self._h5() as f:
+            ds = f[f"samples/{step}"]
+            return read_checked(ds, self.path), {k: host_attr(v) for k, v in ds.attrs.items() if k != "crc32"}
+
+    def set_status(self, status: str, message: str = "") -> None:
+        """running | finished | diverged | interrupted, with an optional one-line reason; flushes."""
+        self._require_writable()
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        self._attrs.update(status=status, status_message=message)
+        self._rewrite()
+
+    def set_config(self, config: dict) -> None:
+        """Replace the stored config (e.g. `resume --steps` past the planned steps extends config["steps"]); flushes.
+        The caller vouches that the new config describes the same run: the checkpoint is kept as it is."""
+        self._require_writable()
+        try:
+            self._attrs["config"] = json.dumps(config)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config must be JSON-serialisable: {exc}") from None
+        self._rewrite()
+
+    def set_attrs(self, **values) -> None:
+        """Extra root attributes (strings or numbers, e.g. layer_names as JSON); written with the next flush."""
+        self._require_writable()
+        reserved = sorted(set(values) & {"format", "format_version", "status", "config", "created"})
+        if reserved:
+            raise ValueError(f"attribute(s) {reserved} are managed by RunFile")
+        self._attrs.update(values)
+
+    # --- the one writer ------------------------------------------------------------------------------------------
+    def _require_writable(self):
+        if not self.writable:
+            raise RunFileError(f"{self.path} was opened read-only; open it with mode='a' to write")
+
+    def _tmp(self) -> Path:
+        return self.path.with_name(self.path.name + ".tmp")
+
+    def _remove_tmp(self):
+        self._tmp().unlink(missing_ok=True)
+
+    def _h5(self):
+        try:
+            return h5py.File(self.path, "r")
+        except OSError as exc:
+            raise RunFileError(f"{self.path}: cannot open ({exc})") from None
+
+    def _rewrite(self, checkpoint=None, samples=None, drop_samples_after=None, publish="replace") -> None:
+        """Build the complete file at <name>.tmp, fsync it, and publish it over <name> in one atomic step."""
+        metrics = self._materialise()
+        self._attrs["updated"] = _now()
+        tmp = self._tmp()
+        try:
+            old = h5py.File(self.path, "r") if publish == "replace" and self.path.exists() else None
+            try:
+                with h5py.File(tmp, "w", track_order=True) as f:
+                    f.attrs.update(self._attrs)
+                    write_metrics(f.create_group("metrics", track_order=True), metrics)
+                    ckpt = f.create_group("checkpoint")
+                    if checkpoint is not None:
+                        write_tree(ckpt, "state", checkpoint[0])
+                        ckpt.attrs.update(step=checkpoint[1], saved=_now())
+                    elif old is not None and "state" in old["checkpoint"]:
+                        old.copy(old["checkpoint/state"], ckpt, "state")
+                        ckpt.attrs.update(old["checkpoint"].attrs)
+                    write_samples(f.create_group("samples"), old, samples or {}, drop_samples_after)
+            finally:
+                if old is not None:
+                    old.close()
+            _fsync_path(tmp)
+            self._publish(tmp, publish)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed flush leaves the previous file as it was
+            raise
+        _fsync_path(self.path.parent, directory=True)
+        self._flushed, self._pending = metrics, []
+        if checkpoint is not None:
+            self._ckpt_step = checkpoint[1]
+
+    def _publish(self, tmp: Path, publish: str) -> None:
+        if publish != "new":
+            os.replace(tmp, self.path)
+            return
+        try:  # a hard link refuses to replace an existing file: no window for a race between check and write
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise RunFileExistsError(f"{self.path} already exists; pass overwrite=True (--overwrite) to "
+                                     "replace it") from None
+        except OSError:  # file systems without hard links
+            if self.path.exists():
+                raise RunFileExistsError(f"{self.path} already exists; pass overwrite=True") from None
+            os.replace(tmp, self.path)
+            return
+        tmp.unlink()

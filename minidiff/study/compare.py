@@ -1,0 +1,309 @@
+"""Compare training runs: figures of what the run files recorded, and a Markdown report with the final numbers.
+
+    report = compare_runs(["runs/adam.h5", "runs/sgd.h5"], "cmp")   # cmp/report.md, cmp/figures/*.png
+
+Runs whose configs differ only by `seed` form one group: the curves show the mean over seeds with a band (+-1 std,
+and a fainter min-max), the table gives mean +- sample std [min, max]. Diverged runs are drawn (up to where they
+diverged) but left out of the final-number statistics, and counted in the table. A figure whose metrics no run
+recorded (probes off, an older or very short run) is skipped and listed in the report with the reason.
+
+This module loads, groups and summarises runs and writes the report; the figures are drawn by
+minidiff.study.figures. matplotlib is an optional extra (`pip install 'minidiff[plots]'`); `summarize_groups` and
+the loading/grouping helpers need only NumPy, so a sweep's results table is written without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minidiff.training.config import DEFAULT_LR, TrainConfig
+from minidiff.runs.file import RunFile
+
+QUALITY_METRICS = ("fd", "swd")     # images: Frechet distance on classifier features; points: sliced Wasserstein
+FINAL_ROWS = 5                      # the final loss is the mean of the last this-many logged rows
+ADAM_FAMILY = ("adam", "adamw", "nadam")
+MOMENTUM_FAMILY = ("momentum", "nesterov")
+_SEED_SUFFIX = re.compile(r"[-_.]?(seed|s)[-_=]?\d+$")
+
+
+class MissingExtra(RuntimeError):
+    """An optional dependency (matplotlib, dask.distributed) is not installed; the message says what to install."""
+
+
+@dataclass
+class RunData:
+    """One run file read into memory. metrics: RunFile.metrics() plus "wall_time" (seconds, per row)."""
+
+    path: Path
+    label: str
+    config: dict
+    status: str
+    message: str
+    metrics: dict
+    samples: tuple | None       # (step, uint8 images (N, C, H, W)) of the last samples/<step>, or None
+    layer_names: list | None
+
+
+@dataclass
+class Group:
+    """Runs whose configs are equal except for the seed."""
+
+    label: str
+    runs: list
+    color: str = "C0"
+
+
+def load_run(path, label=None) -> RunData:
+    run = RunFile.open(path, mode="r")
+    metrics = run.metrics()
+    metrics["wall_time"] = wall_times(metrics)
+    steps = run.sample_steps()
+    samples = (steps[-1], run.load_samples(steps[-1])[0]) if steps else None
+    attrs = run.attrs
+    try:
+        layer_names = json.loads(attrs["layer_names"]) if "layer_names" in attrs else None
+    except (TypeError, ValueError):
+        layer_names = None
+    return RunData(Path(path), label or Path(path).stem, run.config, run.status, attrs.get("status_message", ""),
+                   metrics, samples, layer_names)
+
+
+def wall_times(metrics: dict) -> np.ndarray:
+    """Seconds since the run started at every row: the logged `wall_time` where present, otherwise the cumulative
+    mean step time x the steps since the previous log row; rows in between (probe/eval rows) are interpolated."""
+    steps = np.asarray(metrics.get("step", np.zeros(0)), dtype=np.float64)
+    if "wall_time" in metrics and np.isfinite(metrics["wall_time"]).any():
+        logged = np.asarray(metrics["wall_time"], dtype=np.float64)
+    elif "step_time" in metrics:
+        st = np.asarray(metrics["step_time"], dtype=np.float64)
+        ok = np.isfinite(st)
+        logged = np.full(len(steps), np.nan)
+        logged[ok] = np.cumsum(st[ok] * np.diff(np.concatenate([[0.0], steps[ok]])))
+    else:
+        return np.full(len(steps), np.nan)
+    ok = np.isfinite(logged)
+    if not ok.any():
+        return logged
+    return np.interp(steps, steps[ok], logged[ok])
+
+
+def _config_key(config: dict) -> str:
+    return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
+
+
+def group_runs(runs) -> list:
+    """Group runs that differ only by seed, in order of first appearance; labels lose a trailing seed suffix."""
+    by_key = {}
+    for r in runs:
+        by_key.setdefault(_config_key(r.config), []).append(r)
+    groups = []
+    for members in by_key.values():
+        if len(members) == 1:
+            groups.append(Group(members[0].label, members))
+            continue
+        stripped = {_SEED_SUFFIX.sub("", r.label) for r in members}
+        label = stripped.pop() if len(stripped) == 1 and "" not in stripped else describe(members[0].config)
+        groups.append(Group(f"{label} ({len(members)} seeds)", members))
+    for i, g in enumerate(groups):
+        g.color = f"C{i % 10}"
+    return groups
+
+
+def resolved_lr(config: dict) -> float:
+    lr = config.get("lr")
+    return DEFAULT_LR.get(config.get("optimizer"), float("nan")) if lr is None else float(lr)
+
+
+def momentum_setting(config: dict) -> str:
+    """The optimizer's momentum hyperparameter as text: beta1 for the Adam family, mu for heavy-ball/Nesterov."""
+    opt = config.get("optimizer")
+    if opt in ADAM_FAMILY:
+        return f"β1={config.get('beta1', 0.9):g}"
+    if opt in MOMENTUM_FAMILY:
+        return f"μ={config.get('momentum', 0.9):g}"
+    return "—"
+
+
+def describe(config: dict) -> str:
+    setting = momentum_setting(config)
+    return f"{config.get('optimizer')} lr={resolved_lr(config):g}" + ("" if setting == "—" else f" {setting}")
+
+
+# --- final numbers ----------------------------------------------------------------------------------------------
+
+def series(run: RunData, name: str):
+    """(steps, values) of the rows where `name` is finite (all entries finite for a vector metric); None if absent."""
+    values = run.metrics.get(name)
+    if values is None or len(values) == 0:
+        return None
+    ok = np.isfinite(values) if values.ndim == 1 else np.isfinite(values).any(axis=1)
+    if not ok.any():
+        return None
+    return run.metrics["step"][ok], values[ok]
+
+
+def final_numbers(run: RunData) -> dict:
+    """steps, wall_time, final_loss (mean of the last FINAL_ROWS logged losses; NaN for a diverged run) and, for each
+    quality metric present, best_<q> (the lowest) and final_<q> (the last)."""
+    m = run.metrics
+    out = {"steps": int(m["step"][-1]) if len(m["step"]) else 0,
+           "wall_time": float(m["wall_time"][-1]) if len(m["wall_time"]) else float("nan"),
+           "final_loss": float("nan")}
+    loss = series(run, "loss")
+    if loss is not None and run.status != "diverged":
+        out["final_loss"] = float(np.mean(loss[1][-FINAL_ROWS:]))
+    for q in QUALITY_METRICS:
+        s = series(run, q)
+        if s is not None:
+            out[f"best_{q}"], out[f"final_{q}"] = float(np.min(s[1])), float(s[1][-1])
+    return out
+
+
+def stats(values) -> dict:
+    """mean, sample std, min, max and n of the finite values (None, NaN and inf are dropped).
+
+    std is the sample standard deviation s = sqrt(sum (v_i - mean)^2 / (n - 1)) (ddof=1): with the few seeds a
+    study affords, the population std (divide by n) understates the spread by sqrt((n - 1) / n), 18% at n = 3.
+    n = 1 gives std NaN (one value has no spread); n = 0 gives NaN everywhere.
+    """
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    std = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+    return {"mean": float(v.mean()), "std": std, "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+
+
+def summarize_groups(groups) -> list:
+    """One dict per group: label, config (of its first run, seed removed), seeds, status counts, and stats() of
+    steps, wall_time, final_loss and best/final quality over the group's non-diverged runs."""
+    rows = []
+    for g in groups:
+        finals = [final_numbers(r) for r in g.runs]
+        kept = [f for f, r in zip(finals, g.runs) if r.status != "diverged"]
+        counts = {}
+        for r in g.runs:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        row = {"label": g.label, "config": {k: v for k, v in g.runs[0].config.items() if k != "seed"},
+               "seeds": [r.config.get("seed") for r in g.runs], "status": counts,
+               "paths": [str(r.path) for r in g.runs]}
+        names = ["steps", "wall_time", "final_loss"] + [f"{w}_{q}" for q in QUALITY_METRICS for w in ("best", "final")]
+        for name in names:
+            if name in ("steps", "wall_time", "final_loss") or any(name in f for f in finals):
+                row[name] = stats([f.get(name) for f in (finals if name in ("steps", "wall_time") else kept)])
+        rows.append(row)
+    return rows
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+def compare_runs(paths, out_dir, labels=None) -> Path:
+    """Figures into out_dir/figures/ and out_dir/report.md embedding them (relative paths); returns the report path.
+
+    paths: run files (.h5). labels: one per path (default: the file stems). Needs matplotlib.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("compare needs at least one run file")
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"got {len(labels)} labels for {len(paths)} run files")
+    labels = list(labels) if labels else _unique_labels(paths)
+    runs = [load_run(p, lab) for p, lab in zip(paths, labels)]
+    groups = group_runs(runs)
+    out_dir = Path(out_dir)
+    # imported here, not at the top: compare_figures builds on this module's loading helpers (series, MissingExtra)
+    from minidiff.study.figures import draw_figures
+
+    made, skipped = draw_figures(groups, out_dir / "figures")
+    report = out_dir / "report.md"
+    report.write_text(render_report(runs, groups, made, skipped, out_dir), encoding="utf-8")
+    return report
+
+
+def _unique_labels(paths) -> list:
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [str(p.with_suffix("")) for p in paths]
+
+
+def _fmt(x) -> str:
+    return "—" if x is None or not np.isfinite(x) else f"{x:.4g}"
+
+
+def fmt_stats(s: dict | None) -> str:
+    """'m' for one value, 'm ± s [lo, hi]' for several (s: sample std), '—' for none; a NaN field prints '—'."""
+    if not s or s["n"] == 0:
+        return "—"
+    if s["n"] == 1:
+        return _fmt(s["mean"])
+    return f"{_fmt(s['mean'])} ± {_fmt(s['std'])} [{_fmt(s['min'])}, {_fmt(s['max'])}]"
+
+
+def _differing_keys(runs) -> list:
+    own_columns = {"seed", "optimizer", "lr", "beta1", "momentum"}
+    keys = []
+    for k in runs[0].config:
+        values = {json.dumps(r.config.get(k), sort_keys=True) for r in runs}
+        if k not in own_columns and len(values) > 1:
+            keys.append(k)
+    return keys
+
+
+def _common_settings(runs) -> str:
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+    always = ("dataset", "model", "steps", "batch_size", "timesteps")
+    parts = []
+    for k, v in runs[0].config.items():
+        same = all(json.dumps(r.config.get(k), sort_keys=True) == json.dumps(v, sort_keys=True) for r in runs)
+        if same and k != "seed" and (k in always or defaults.get(k, object()) != v):
+            parts.append(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    return ", ".join(parts)
+
+
+def _final_table(runs, groups) -> list:
+    rows = summarize_groups(groups)
+    extra = _differing_keys(runs)
+    quality = [f"{w}_{q}" for q in QUALITY_METRICS for w in ("best", "final") if any(f"{w}_{q}" in r for r in rows)]
+    head = ["run", "runs (status)", "optimizer", "lr", "β1 / μ"] + extra + ["steps reached", "wall time (s)",
+                                                                           f"final loss (last {FINAL_ROWS} logs)"]
+    head += [q.replace("_", " ") for q in quality]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g, row in zip(groups, rows):
+        c = g.runs[0].config
+        status = ", ".join(f"{n} {s}" for s, n in row["status"].items())
+        cells = [g.label, status, str(c.get("optimizer")), f"{resolved_lr(c):g}", momentum_setting(c)]
+        cells += [json.dumps(c.get(k)) if isinstance(c.get(k), (dict, list)) else str(c.get(k)) for k in extra]
+        cells += [fmt_stats(row["steps"]), fmt_stats(row["wall_time"]), fmt_stats(row["final_loss"])]
+        cells += [fmt_stats(row.get(q)) for q in quality]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_report(runs, groups, made, skipped, out_dir) -> str:
+    """report.md: the table of final numbers, the figures with captions, what was not plotted and why, the runs."""
+    seeds = sum(len(g.runs) > 1 for g in groups)
+    lines = ["# Run comparison", "",
+             f"{len(runs)} run(s) in {len(groups)} group(s)"
+             + (f"; {seeds} group(s) of seeds show mean ± sample std [min, max] over seeds, diverged runs excluded"
+                if seeds else "") + ".", "",
+             f"Common settings (others at their defaults): {_common_settings(runs)}", "",
+             "## Final numbers", ""] + _final_table(runs, groups) + [""]
+    lines += ["## Figures", ""]
+    for title, rel, caption in made:
+        lines += [f"### {title}", "", f"![{title}]({rel})", "", caption, ""]
+    if skipped:
+        lines += ["## Not plotted", ""] + [f"- {title}: {reason}" for title, reason in skipped] + [""]
+    lines += ["## Runs", "", "| label | file | status | steps | message |", "|---|---|---|---|---|"]
+    for r in runs:
+        rel = os.path.relpath(r.path.resolve(), Path(out_dir).resolve())
+        steps = int(r.metrics["step"][-1]) if len(r.metrics["step"]) else 0
+        message = r.message.replace("|", "\\|")
+        lines.append(f"| {r.label} | [{rel}]({rel}) | {r.status} | {steps} | {message} |")
+    return "\n".join(lines) + "\n"
