@@ -2,6 +2,7 @@
 
 Channels-last like the rest of the UNet: a feature map (N, H, W, C) is a sequence of L = H*W tokens of C channels,
 so q, k and v are strided views of the qkv projection and every product is a batched matmul over (image, head).
+The same math written for reading (NCHW, einsum): minidiff.nn.reference.attention_forward.
 """
 
 from __future__ import annotations

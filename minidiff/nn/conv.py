@@ -13,6 +13,7 @@ whole batch, and the column matrix is one kernel (minidiff.kernels.conv_cuda). (
 model splits the batch, minidiff.execution.threads.)
 
 Layouts: x (N, H, W, C), w (O, C, kh, kw) as PyTorch's OIHW, b (O,), out (N, Ho, Wo, O).
+The same math written for reading (NCHW, a loop over the kernel offsets): minidiff.nn.reference.conv2d_forward.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ over (spatial, Cg) as torch.nn.GroupNorm does. Written for speed on NumPy withou
   other columns' 0 * inf into NaN: a diverged run is non-finite either way); a group sum is a BLAS product, whose
   float32 rounding can differ from the reduction it replaced (docs/momentum-study.md says what that changed).
 On CuPy all of this is launches, not arithmetic: `minidiff.kernels.norm_cuda` computes the same function in fused kernels.
+The same math written for reading (NCHW, unfused, no scratch): minidiff.nn.reference.group_norm_forward.
 """
 
 from __future__ import annotations
