@@ -14,7 +14,7 @@ import statistics
 import time
 
 from minidiff.backend import get_backend
-from minidiff.bench.benchmark import CONFIGS, LR, build_model, host_batch
+from minidiff.bench.units import CONFIGS, LR, build_model, host_batch
 from minidiff.optim import build_optimizer
 from minidiff.kernels import optim_cuda as fused
 

@@ -19,7 +19,7 @@ import statistics
 import time
 
 from minidiff.backend import get_backend
-from minidiff.bench.benchmark import CONFIGS, build_model, ours_unit
+from minidiff.bench.units import CONFIGS, build_model, ours_unit
 from minidiff.training.config import TrainConfig
 from minidiff.training.trainer import Trainer
 

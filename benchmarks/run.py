@@ -17,7 +17,8 @@ import json
 import pstats
 import sys
 
-from minidiff.bench.benchmark import CONFIGS, QUICK, build_model, format_table, ours_unit, run_benchmarks
+from minidiff.bench.benchmark import QUICK, format_table, run_benchmarks
+from minidiff.bench.units import CONFIGS, build_model, ours_unit
 from minidiff.backend import get_backend
 
 

@@ -10,7 +10,8 @@ import math
 
 import pytest
 
-from minidiff.bench.benchmark import CONFIGS, BenchConfig, format_table, interleaved_times, run_benchmarks
+from minidiff.bench.benchmark import format_table, interleaved_times, run_benchmarks
+from minidiff.bench.units import CONFIGS, BenchConfig
 from minidiff.bench.flops import attention_flops, conv2d_flops, linear_flops, unet_flops
 from minidiff.models.unet import UNet
 

@@ -10,6 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
+from minidiff.kernels import channels
+from minidiff.kernels.chunks import batch_chunks
 from minidiff.nn import conv
 from minidiff.nn import norm
 from minidiff.execution import threads as parallel
@@ -32,7 +34,7 @@ def tiny_chunks(monkeypatch):
     GroupNorm rows."""
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
     monkeypatch.setattr(norm, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(norm, "WIDE", 12)   # GroupNorm rows a few pixels wide: 1 < k < H * W on test shapes
+    monkeypatch.setattr(channels, "WIDE", 12)   # GroupNorm rows a few pixels wide: 1 < k < H * W on test shapes
 
 
 def _nhwc_to_nchw(a):
@@ -96,7 +98,7 @@ def test_conv2d_nhwc_ignores_what_earlier_calls_left_in_scratch(cpu_backend, tin
 
 def test_inside_a_cuda_graph_capture_new_scratch_and_constants_are_refused_and_existing_ones_served(monkeypatch):
     from minidiff.kernels import workspace
-    from minidiff.backend import CaptureNeedsWarmUp
+    from minidiff.kernels.capture import CaptureNeedsWarmUp
     like = np.zeros(1, dtype=np.float32)
     kept = workspace.scratch("test.capture", (4, 4), like)
     ones = workspace.ones_row(5, like)
@@ -181,15 +183,15 @@ def test_group_norm_nhwc_forward_matches_torch(cpu_backend, torch, tiny_chunks, 
 @pytest.mark.parametrize("wide", [12, 128])   # k = 2 and k = 20 pixels per wide row
 def test_add_channels_equals_the_broadcast_add_bit_for_bit(cpu_backend, monkeypatch, rng, wide):
     """Per-channel (C,) and per-image (N, C) values added on wide rows: in place, the same bits as a broadcast add."""
-    monkeypatch.setattr(norm, "WIDE", wide)
+    monkeypatch.setattr(channels, "WIDE", wide)
     a = randn(rng, 3, 4, 5, 6).astype(np.float32)
     v, w = randn(rng, 6).astype(np.float32), randn(rng, 3, 6).astype(np.float32)
     for value, ref in ((v, a + v), (w, a + w[:, None, None, :])):
         x = cpu_backend.asarray(a.copy())   # NumPy's asarray would not copy, and the add is in place
-        assert norm.add_channels(x, cpu_backend.asarray(value)) is x
+        assert channels.add_channels(x, cpu_backend.asarray(value)) is x
         np.testing.assert_array_equal(to_numpy(x), ref)
     with pytest.raises(ValueError, match="C-contiguous"):   # a reshape of a strided view would add into a copy
-        norm.add_channels(cpu_backend.asarray(a)[:, :, ::2], cpu_backend.asarray(v))
+        channels.add_channels(cpu_backend.asarray(a)[:, :, ::2], cpu_backend.asarray(v))
 
 
 def test_group_norm_silu_float32_saturates_without_overflow(backend):
@@ -274,10 +276,10 @@ def test_map_parts_keeps_order_propagates_errors_and_restores_blas_threads():
         assert parallel.cpu_workers(np) == 2   # BLAS is back to two threads after the error
 
 
-def test_batch_parts_cover_the_batch_once():
-    assert parallel.batch_parts(10, 3) == [(0, 3), (3, 6), (6, 10)]
-    assert parallel.batch_parts(2, 8) == [(0, 1), (1, 2)]
-    assert parallel.batch_parts(5, 0) == [(0, 5)]
+def test_batch_chunks_cover_the_batch_once():
+    assert batch_chunks(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert batch_chunks(2, 8) == [(0, 1), (1, 2)]
+    assert batch_chunks(5, 0) == [(0, 5)]
 
 
 def test_map_parts_workers_use_the_callers_floating_point_error_handling():

@@ -137,8 +137,8 @@ def test_a_graphed_backward_runs_once_per_forward():
 
 def test_a_failed_capture_turns_graphs_off_and_the_step_runs_eagerly(monkeypatch):
     import cupy
-    from minidiff import backend
-    monkeypatch.setattr(backend.cublas_gpu, "matmul", lambda xp, a, b, out=None: cupy.matmul(a, b, out=out))
+    from minidiff.kernels import matmul
+    monkeypatch.setattr(matmul.cublas_gpu, "matmul", lambda xp, a, b, out=None: cupy.matmul(a, b, out=out))
     with pytest.warns(RuntimeWarning, match="CUDA graphs are off"):
         model, outs, grads, params = _train_steps(True)
     assert model._graphs is None

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from minidiff.execution import graphs as graphs_gpu
-from minidiff.backend import CaptureNeedsWarmUp
-from minidiff.models.base import Tape
+from minidiff.kernels.capture import CaptureNeedsWarmUp
+from minidiff.nn.tape import Tape
 
 
 class DevArray(np.ndarray):

@@ -7,7 +7,7 @@ import pytest
 
 from minidiff.nn.attention import AttnBlock
 from minidiff.backend import to_numpy
-from minidiff.models.base import Tape
+from minidiff.nn.tape import Tape
 from minidiff.models import build_model
 from minidiff.models.unet import ResBlock, UNet
 from test_layers import numeric_grad, rel_error

@@ -13,13 +13,11 @@ The device is chosen by argument (`--device` on the CLI) or by the environment v
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from minidiff.kernels import cublas as cublas_gpu
 from minidiff.backend import strict as _strict
 
 DEVICES = ("cpu", "gpu", "auto", "strict")
@@ -152,37 +150,3 @@ def to_float(a) -> float:
 
 def is_cupy_module(xp) -> bool:
     return getattr(xp, "__name__", "") == "cupy"
-
-
-class CaptureNeedsWarmUp(RuntimeError):
-    """Raised inside a CUDA graph capture by code that would make something lasting (a scratch buffer, a constant):
-    such work must run eagerly, so the graph's owner runs the call eagerly and captures it the next time."""
-
-
-def is_capturing(xp) -> bool:
-    """Whether `xp` is CuPy and its current stream is capturing a CUDA graph (minidiff.execution.graphs)."""
-    return is_cupy_module(xp) and xp.cuda.get_current_stream().is_capturing()
-
-
-def matmul(a, b, out=None):
-    """a @ b (NumPy's matmul, into `out` when given) on any backend. On CuPy the product goes to cuBLAS directly
-    (minidiff.kernels.cublas), where a CUDA graph can capture it; the layers call this, never xp.matmul."""
-    xp = get_array_module(a, b)
-    if is_cupy_module(xp):
-        return cublas_gpu.matmul(xp, a, b, out)
-    return xp.matmul(a, b, out=out)
-
-
-@functools.lru_cache(maxsize=None)
-def elementwise_kernel(xp, in_params: str, out_params: str, body: str, name: str):
-    """A CuPy ElementwiseKernel, made once per signature: CuPy compiles it on first use and caches the binary.
-
-    Built from the module object a caller already holds (its arrays' module), so no file but this imports CuPy.
-    """
-    return xp.ElementwiseKernel(in_params, out_params, body, name)
-
-
-@functools.lru_cache(maxsize=None)
-def reduction_kernel(xp, in_params: str, out_params: str, map_expr: str, name: str):
-    """A CuPy ReductionKernel summing `map_expr` (made once per signature, like `elementwise_kernel`)."""
-    return xp.ReductionKernel(in_params, out_params, map_expr, "a + b", "y = a", "0", name)

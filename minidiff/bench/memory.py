@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from minidiff.kernels import cublas as cublas_gpu
 from minidiff.execution import graphs as graphs_gpu
 from minidiff.backend import get_backend
-from minidiff.bench.benchmark import BenchConfig, build_model, host_batch, make_twin, ours_unit, torch_unit
+from minidiff.bench.units import BenchConfig, build_model, host_batch, make_twin, ours_unit, torch_unit
 from minidiff.bench.flops import limit_threads
 from minidiff.optim import build_optimizer
 

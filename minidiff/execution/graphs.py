@@ -37,7 +37,7 @@ import weakref
 
 import numpy as np
 
-from minidiff.backend import CaptureNeedsWarmUp
+from minidiff.kernels.capture import CaptureNeedsWarmUp
 from minidiff.kernels.flat import FlatArrays
 from minidiff.kernels.workspace import held_buffers
 

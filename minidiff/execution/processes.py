@@ -39,6 +39,8 @@ import numpy
 
 from minidiff.kernels.flat import FlatArrays, total_size
 from minidiff.kernels.workspace import release_free_memory
+from minidiff.nn.tape import NoTape, Tape
+from minidiff.execution.threads import blas_held, enter_worker
 
 # Linux only: elsewhere fork is missing, or (macOS) unsafe once system frameworks such as Accelerate have started
 # threads. Set it to False before building a model to run its parts on threads (tests compare the two).
@@ -72,9 +74,7 @@ def _private_mib():
 
 def _serve(conn, model, grads):
     """The worker's loop: run forward / backward requests on this process's part until the pipe closes."""
-    from minidiff.execution import threads as parallel
-    from minidiff.models.base import NoTape, Tape
-    parallel.enter_worker()
+    enter_worker()
     tape = None
     while True:
         try:
@@ -166,13 +166,12 @@ class PartWorkers:
         return [local's result] + the workers' results. An error raised by a part is raised after every reply is
         in (part 0's first, as minidiff.execution.threads.map_parts does); anything else (a dead worker, Ctrl-C) closes
         the workers, since their replies can no longer be matched to requests."""
-        from minidiff.execution.threads import _blas_held
         try:
             for k, args in enumerate(worker_args):
                 self.request(k, op, method, args)
             results, errors = [], []
             try:
-                with _blas_held(self.count + 1):
+                with blas_held(self.count + 1):
                     results.append(local())
             except Exception as exc:   # noqa: BLE001 -- raised below, once the workers have answered
                 errors.append(exc)

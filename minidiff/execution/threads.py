@@ -32,7 +32,7 @@ from minidiff.backend import is_cupy_module
 
 _LOCAL = threading.local()   # .in_worker: set on pool threads, so nested calls run serially
 _POOL: dict = {}
-_HELD = {"workers": None}    # set while `_blas_held` keeps BLAS on one thread: the worker count it found
+_HELD = {"workers": None}    # set while `blas_held` keeps BLAS on one thread: the worker count it found
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,7 +57,7 @@ def cpu_workers(xp) -> int:
 
 
 @contextlib.contextmanager
-def _blas_held(workers):
+def blas_held(workers):
     """BLAS on one thread while the parts run (restored after, also on errors); nested uses are no-ops."""
     if _HELD["workers"] is not None:
         yield
@@ -110,7 +110,7 @@ def map_parts(fn, parts, xp):
         finally:
             _LOCAL.in_worker = nested
 
-    with _blas_held(cpu_workers(xp)):
+    with blas_held(cpu_workers(xp)):
         futures = [_pool(workers).submit(run, k) for k in range(1, workers)]
         try:
             groups = [run(0)]
@@ -121,10 +121,3 @@ def map_parts(fn, parts, xp):
     for k, group in enumerate(groups):
         results[k::workers] = group
     return results
-
-
-def batch_parts(n, parts):
-    """Split range(n) into at most `parts` contiguous (start, stop) ranges of near-equal size."""
-    parts = max(1, min(n, parts))
-    bounds = [n * i // parts for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))

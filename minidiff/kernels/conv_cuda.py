@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minidiff.backend import elementwise_kernel
+from minidiff.kernels.cuda import elementwise_kernel
 
 _IM2COL = """
 ptrdiff_t r = i;

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from minidiff.backend import is_capturing
+from minidiff.kernels.capture import is_capturing
 
 
 class FlatArrays(dict):

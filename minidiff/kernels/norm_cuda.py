@@ -15,7 +15,7 @@ in another order). The cache has `minidiff.nn.norm`'s layout, so either backward
 
 from __future__ import annotations
 
-from minidiff.backend import elementwise_kernel, reduction_kernel
+from minidiff.kernels.cuda import elementwise_kernel, reduction_kernel
 
 _AFFINE = "T a = inv_std * gamma; T b = beta - mean * a;"
 _HALF_H = _AFFINE + "T hh = x * (a * (T)0.5) + b * (T)0.5; T t = tanh(hh); T ht = hh * t;"

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from minidiff.backend import elementwise_kernel, is_cupy_module
+from minidiff.backend import is_cupy_module
+from minidiff.kernels.cuda import elementwise_kernel
 
 ENABLED = True   # tests switch it off to compare with the generic path on the same device
 

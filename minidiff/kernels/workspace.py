@@ -21,7 +21,8 @@ import functools
 import math
 import threading
 
-from minidiff.backend import CaptureNeedsWarmUp, get_array_module, is_capturing
+from minidiff.backend import get_array_module
+from minidiff.kernels.capture import CaptureNeedsWarmUp, is_capturing
 
 _BUFFERS: dict = {}
 _TAGS: dict = {}       # scratch_kept: the tag each buffer was last handed out under
@@ -73,6 +74,20 @@ def constant(key, like, build):
 def ones_row(n, like):
     """A (1, n) row of ones (it turns sums into matrix-vector products, see norm.channel_sums)."""
     return constant(("ones", n), like, lambda xp, dtype: xp.ones((1, n), dtype=dtype))
+
+
+def scratch_views(params: dict, count: int) -> dict:
+    """name -> tuple of `count` arrays shaped like params[name], views into one flat buffer per (dtype, slot).
+
+    Parameters are processed one after another, so they can share scratch memory: `count` x the largest parameter,
+    not `count` x the model.
+    """
+    sizes: dict = {}
+    for p in params.values():
+        sizes[p.dtype] = max(sizes.get(p.dtype, 0), p.size)
+    xp = get_array_module(*params.values())
+    flat = {dt: [xp.empty(n, dtype=dt) for _ in range(count)] for dt, n in sizes.items()}
+    return {name: tuple(buf[:p.size].reshape(p.shape) for buf in flat[p.dtype]) for name, p in params.items()}
 
 
 def held_buffers() -> list:

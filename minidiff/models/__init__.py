@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from minidiff.models.base import Denoiser, add_grads
+from minidiff.models.base import Denoiser
+from minidiff.nn.tape import add_grads
 from minidiff.nn.layers import linear_backward, linear_forward, linear_params, named_specs, silu_backward, silu_forward, \
     timestep_embedding
 from minidiff.models.unet import UNet

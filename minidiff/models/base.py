@@ -22,7 +22,9 @@ import numpy as np
 from minidiff.backend import Backend, get_backend, resolve_dtype
 from minidiff.kernels.flat import FlatArrays, gather, total_size
 from minidiff.nn.layers import init_param
-from minidiff.execution.threads import batch_parts, cpu_workers, map_parts
+from minidiff.execution.threads import cpu_workers, map_parts
+from minidiff.kernels.chunks import batch_chunks as batch_parts
+from minidiff.nn.tape import NoTape, Tape
 from minidiff.execution import graphs as graphs_gpu
 from minidiff.execution import processes as procs
 from minidiff.kernels.workspace import retain_freed_memory
@@ -35,27 +37,6 @@ from minidiff.kernels.workspace import retain_freed_memory
 # ~48 digits a part, since the threads share the GIL (64 images: a step 5% and a forward 16% slower in 2 parts).
 MIN_PART_ELEMENTS = 16 * 64
 MIN_PART_ELEMENTS_THREADS = 48 * 64
-
-
-class Tape(list):
-    """The caches of one forward pass: modules push one entry each, backward pops them in reverse."""
-
-    keeps = True   # layers may skip work that only a backward needs when False
-
-
-class NoTape:
-    """Stands in for a Tape when nothing must be kept (forward(..., cache=False))."""
-
-    keeps = False
-
-    def append(self, entry):
-        pass
-
-
-def add_grads(grads, prefix, layer_grads):
-    """Store a layer's {"weight": ..., "bias": ...} under the full parameter names `prefix.weight`, ..."""
-    for k, v in layer_grads.items():
-        grads[f"{prefix}.{k}"] = v
 
 
 class Denoiser:

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 
 from minidiff.nn.attention import AttnBlock
 from minidiff.nn.conv import conv2d_nhwc_backward, conv2d_nhwc_forward
-from minidiff.models.base import Denoiser, add_grads
+from minidiff.models.base import Denoiser
+from minidiff.nn.tape import add_grads
 from minidiff.nn.layers import (concat_backward, concat_forward, conv2d_params, group_norm_params, linear_backward,
                      linear_forward, linear_params, named_specs, silu_backward, silu_forward, timestep_embedding,
                      upsample2x_nhwc_backward, upsample2x_nhwc_forward)
-from minidiff.nn.norm import add_channels, channel_sums, group_norm_nhwc_backward, group_norm_nhwc_forward
+from minidiff.kernels.channels import add_channels, channel_sums
+from minidiff.nn.norm import group_norm_nhwc_backward, group_norm_nhwc_forward
 
 
 class Conv:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 
-from minidiff.backend import get_array_module, matmul
+from minidiff.backend import get_array_module
+from minidiff.kernels.matmul import matmul
 from minidiff.nn.conv import conv2d_nhwc_backward, conv2d_nhwc_forward
-from minidiff.models.base import add_grads
+from minidiff.nn.tape import add_grads
 from minidiff.nn.layers import conv2d_params, group_norm_params, named_specs
 from minidiff.nn.norm import group_norm_nhwc_backward, group_norm_nhwc_forward
 

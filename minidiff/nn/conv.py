@@ -18,10 +18,11 @@ The same math written for reading (NCHW, a loop over the kernel offsets): minidi
 
 from __future__ import annotations
 
+from minidiff.backend import get_array_module, is_cupy_module
 from minidiff.kernels import conv_cuda as conv_gpu
-from minidiff.backend import get_array_module, is_cupy_module, matmul
-from minidiff.execution.threads import batch_parts
-from minidiff.nn.norm import add_channels, channel_sums
+from minidiff.kernels.channels import add_channels, channel_sums
+from minidiff.kernels.chunks import batch_chunks
+from minidiff.kernels.matmul import matmul
 from minidiff.kernels.workspace import scratch, scratch_kept
 
 # column-matrix bytes per chunk on the CPU (see the module docstring): 1 MiB steps as fast as 2 MiB (interleaved, one
@@ -33,7 +34,7 @@ def image_chunks(xp, n, bytes_per_image):
     """(start, stop) ranges of images, about CHUNK_BYTES of columns each; the whole batch on a GPU."""
     if is_cupy_module(xp):
         return [(0, n)]
-    return batch_parts(n, -(-n * bytes_per_image // CHUNK_BYTES))
+    return batch_chunks(n, -(-n * bytes_per_image // CHUNK_BYTES))
 
 
 def out_size(h, w, kh, kw, stride, ph, pw):

@@ -16,7 +16,8 @@ import math
 
 import numpy as np
 
-from minidiff.backend import get_array_module, matmul
+from minidiff.backend import get_array_module
+from minidiff.kernels.matmul import matmul
 from minidiff.nn.conv import conv2d_nhwc_backward, conv2d_nhwc_forward
 from minidiff.nn.norm import group_norm_nhwc_backward, group_norm_nhwc_forward
 

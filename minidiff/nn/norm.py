@@ -14,7 +14,7 @@ over (spatial, Cg) as torch.nn.GroupNorm does. Written for speed on NumPy withou
 - temporaries live in reused scratch buffers (minidiff.kernels.workspace); only the output is a new array.
 - the per-(image, channel) coefficients are applied on "wide rows": x (N, S, C) seen as (N, S / k, k C) with the
   coefficients tiled k times, so NumPy's inner loop runs over k C elements instead of C (a broadcast over 16
-  channels runs ~3x slower per element than a flat loop; see `_wide`);
+  channels runs ~3x slower per element than a flat loop; see minidiff.kernels.channels);
 - per-group and per-channel values move between (N, G), (N, C) and the tiled (N, k C) by products with constant
   0/1 matrices (`_maps`): one small matmul instead of a reshape-sum, a repeat and a concatenate. Each output of a
   spreading or tiling product is one value times 1 plus zeros, so it is exact for finite values (an inf turns the
@@ -28,55 +28,11 @@ from __future__ import annotations
 
 import functools
 
+from minidiff.backend import get_array_module, is_cupy_module
 from minidiff.kernels import norm_cuda as norm_gpu
-from minidiff.backend import get_array_module, is_cupy_module, matmul
-from minidiff.execution.threads import batch_parts
-from minidiff.kernels.workspace import constant, ones_row, scratch
-
-
-def channel_sums(a):
-    """a (N, S, C) -> (N, C), sums over S as a batched matrix-vector product. Also the conv bias gradient and the
-    UNet's timestep gradient. Far faster than a.sum(axis=1), a reduction over a strided axis, on both backends: in
-    NumPy; and on CuPy, whose reduction gives each of the few outputs one thread block that walks S alone (110 us a
-    call on average; such sums were 47% of a 32x32 training step's device time) where cuBLAS splits S."""
-    return matmul(ones_row(a.shape[1], a), a).reshape(a.shape[0], a.shape[2])
-
-
-WIDE = 128   # target inner-loop length (elements) of the broadcast products; tests lower it to exercise 1 < k < S
-
-
-def _wide(x3):
-    """k = the largest divisor of S with k * C <= WIDE (at least 1), for x3 (N, S, C) seen as (N, S / k, k * C)."""
-    return _wide_factor(x3.shape[1], x3.shape[2], WIDE)
-
-
-@functools.lru_cache(maxsize=None)
-def _wide_factor(S, C, wide):
-    return max(k for k in range(1, S + 1) if S % k == 0 and (k * C <= wide or k == 1))
-
-
-def tiled(v, k):
-    """v (..., C) -> (..., k C): v repeated k times along its last axis, as one exact product with a 0/1 matrix."""
-    C = v.shape[-1]
-    return v @ constant(("tile", C, k), v, lambda xp, dtype: (xp.arange(k * C)[None, :] % C ==
-                                                             xp.arange(C)[:, None]).astype(dtype))
-
-
-def add_channels(a, v):
-    """a (N, *spatial, C) += v in place, v (C,) per channel or (N, C) per image and channel, on wide rows."""
-    if not a.flags.c_contiguous:
-        raise ValueError("add_channels works in place on a C-contiguous array")   # a reshape would be a copy
-    N, C = a.shape[0], a.shape[-1]
-    if is_cupy_module(get_array_module(a)):   # a broadcast add is one kernel there; wide rows only pay in NumPy
-        a.reshape(N, -1, C)[...] += v if v.ndim == 1 else v[:, None]
-        return a
-    S = a.size // (N * C)
-    k = _wide_factor(S, C, WIDE)
-    if v.ndim == 1:
-        a.reshape(-1, k * C)[...] += tiled(v, k)
-    else:
-        a.reshape(N, S // k, k * C)[...] += tiled(v, k)[:, None]
-    return a
+from minidiff.kernels.channels import channel_sums, tiled, wide_factor
+from minidiff.kernels.chunks import batch_chunks
+from minidiff.kernels.workspace import constant, scratch
 
 
 def _maps(like, C, groups, k):
@@ -98,13 +54,13 @@ def _group_means(per_channel_sums, R, count):
 CHUNK_BYTES = 2 << 20   # bytes of images per call of the NumPy path: see group_norm_nhwc_forward
 
 
-def _by_chunks(xp, x, part, *per_image):
-    """part(*per_image) on chunks of about CHUNK_BYTES of x's images (None entries stay None), its per-image results
+def _by_chunks(xp, x, fn, *per_image):
+    """fn(*per_image) on chunks of about CHUNK_BYTES of x's images (None entries stay None), its per-image results
     joined in order; a small x (most calls) goes whole, with no slicing or joining (a few us of a ~0.2 ms call)."""
     if x.nbytes <= CHUNK_BYTES:
-        return part(*per_image)
-    results = [part(*(None if a is None else a[lo:hi] for a in per_image))
-               for lo, hi in batch_parts(x.shape[0], -(-x.nbytes // CHUNK_BYTES))]
+        return fn(*per_image)
+    results = [fn(*(None if a is None else a[lo:hi] for a in per_image))
+               for lo, hi in batch_chunks(x.shape[0], -(-x.nbytes // CHUNK_BYTES))]
     return tuple(xp.concatenate(r) for r in zip(*results))
 
 
@@ -123,18 +79,18 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=
     xp = get_array_module(x)
     if is_cupy_module(xp):
         return norm_gpu.group_norm_forward(xp, x, gamma, beta, groups, eps, silu, cache)
-    out = xp.empty(x.shape, dtype=x.dtype)   # C-contiguous whatever x's layout: the parts write through reshapes
+    out = xp.empty(x.shape, dtype=x.dtype)   # C-contiguous whatever x's layout: the chunks write through reshapes
     dsilu = xp.empty(x.shape, dtype=x.dtype) if silu and cache else None   # 2 SiLU'(h), for the backward
-    mean, inv_std = _by_chunks(xp, x, functools.partial(_forward_part, xp, gamma, beta, groups, eps, silu),
+    mean, inv_std = _by_chunks(xp, x, functools.partial(_forward_chunk, xp, gamma, beta, groups, eps, silu),
                                x, out, dsilu)
     return out, ((x, mean, inv_std, gamma, groups, dsilu) if cache else None)
 
 
-def _forward_part(xp, gamma, beta, groups, eps, silu, x, out, dsilu):
+def _forward_chunk(xp, gamma, beta, groups, eps, silu, x, out, dsilu):
     """The forward on images x, into out and dsilu (None: no cache) -> their (n, G) mean and inv_std."""
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
-    count, k = x3.shape[1] * (C // groups), _wide(x3)
+    count, k = x3.shape[1] * (C // groups), wide_factor(*x3.shape[1:])
     R, _, E = _maps(x, C, groups, k)
     xw = x3.reshape(N, -1, k * C)                                            # wide rows (see the module doc)
     out, tmp = out.reshape(xw.shape), scratch("gn.tmp", xw.shape, xw)
@@ -181,16 +137,16 @@ def group_norm_nhwc_backward(dout, cache):
     if is_cupy_module(xp):
         return norm_gpu.group_norm_backward(xp, dout, cache)
     dx = xp.empty(dout.shape, dtype=dout.dtype)
-    sum_dxhat, sum_d = _by_chunks(xp, x, functools.partial(_backward_part, xp, gamma, groups),
+    sum_dxhat, sum_d = _by_chunks(xp, x, functools.partial(_backward_chunk, xp, gamma, groups),
                                   dout, x, mean, inv_std, dsilu, dx)
     return dx, {"weight": sum_dxhat.sum(axis=0), "bias": sum_d.sum(axis=0)}   # image sums added as one, in order
 
 
-def _backward_part(xp, gamma, groups, dout, x, mean, inv_std, dsilu, dx):
+def _backward_chunk(xp, gamma, groups, dout, x, mean, inv_std, dsilu, dx):
     """The backward on images x, into dx -> the per-image (n, C) sums of dh * x_hat and dh."""
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
-    count, k = x3.shape[1] * (C // groups), _wide(x3)
+    count, k = x3.shape[1] * (C // groups), wide_factor(*x3.shape[1:])
     R, E1, E = _maps(x, C, groups, k)
     xw, dw = x3.reshape(N, -1, k * C), dout.reshape(N, -1, k * C)            # wide rows (see the module doc)
     dx = dx.reshape(xw.shape)

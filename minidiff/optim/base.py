@@ -23,6 +23,7 @@ import numpy as np
 from minidiff.backend import backend_of, get_array_module, is_cupy_module, to_numpy
 from minidiff.kernels.flat import FlatArrays, runs as flat_runs
 from minidiff.kernels import optim_cuda as fused
+from minidiff.kernels.workspace import scratch_views
 
 
 def check_nonnegative(name: str, value) -> None:
@@ -38,20 +39,6 @@ def check_beta(name: str, value) -> None:
 def check_positive(name: str, value) -> None:
     if not value > 0.0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-def scratch_views(params: dict, count: int) -> dict:
-    """name -> tuple of `count` arrays shaped like params[name], views into one flat buffer per (dtype, slot).
-
-    Parameters are processed one after another, so they can share scratch memory: `count` x the largest parameter,
-    not `count` x the model.
-    """
-    sizes: dict = {}
-    for p in params.values():
-        sizes[p.dtype] = max(sizes.get(p.dtype, 0), p.size)
-    xp = get_array_module(*params.values())
-    flat = {dt: [xp.empty(n, dtype=dt) for _ in range(count)] for dt, n in sizes.items()}
-    return {name: tuple(buf[:p.size].reshape(p.shape) for buf in flat[p.dtype]) for name, p in params.items()}
 
 
 class Diagnostics:

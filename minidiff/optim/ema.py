@@ -16,7 +16,7 @@ import numpy as np
 
 from minidiff.backend import backend_of, get_array_module, is_cupy_module, to_numpy
 from minidiff.kernels.flat import FlatArrays
-from minidiff.optim.base import scratch_views
+from minidiff.kernels.workspace import scratch_views
 
 CHUNK = 1 << 15   # elements per call of a flat update: long calls, and a working set that stays in the L2 cache
 _CHUNK_KEY = ("chunk",)
