@@ -15,6 +15,7 @@ import time
 
 from minidiff.backend import get_backend
 from minidiff.bench.units import CONFIGS, LR, build_model, host_batch
+from minidiff.execution import wrap
 from minidiff.optim import build_optimizer
 from minidiff.kernels import optim_cuda as fused
 
@@ -33,7 +34,7 @@ def _median_ms(fn, sync, repeats):
 def breakdown(name, repeats=20):
     be = get_backend("gpu")
     cfg = CONFIGS[name]
-    model = build_model(cfg, be)
+    model = wrap(build_model(cfg, be))
     opt = build_optimizer("adam", model.params, lr=LR)
     x, t, y = host_batch(cfg)
     x, y = be.asarray(x, dtype=model.dtype), be.asarray(y, dtype=model.dtype)

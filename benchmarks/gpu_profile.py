@@ -20,6 +20,7 @@ import time
 
 from minidiff.backend import get_backend
 from minidiff.bench.units import CONFIGS, build_model, ours_unit
+from minidiff.execution import wrap
 from minidiff.training.config import TrainConfig
 from minidiff.training.trainer import Trainer
 
@@ -34,7 +35,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.bench:
         backend = get_backend(args.device)
-        model = build_model(CONFIGS[args.bench], backend)
+        model = wrap(build_model(CONFIGS[args.bench], backend))
         _profile(ours_unit(CONFIGS[args.bench], model), backend, f"bench unit {args.bench}", args)
         return
     trainer = Trainer(TrainConfig(device=args.device))

@@ -21,7 +21,7 @@ from minidiff.training.trainer import Trainer
 
 
 def make_trainer(graphs: bool, device: str) -> Trainer:
-    graphs_gpu.ENABLED = graphs   # read when the model is built
+    graphs_gpu.ENABLED = graphs   # read when the trainer wraps its model
     return Trainer(TrainConfig(device=device))
 
 

@@ -20,12 +20,13 @@ import sys
 from minidiff.bench.benchmark import QUICK, format_table, run_benchmarks
 from minidiff.bench.units import CONFIGS, build_model, ours_unit
 from minidiff.backend import get_backend
+from minidiff.execution import wrap
 
 
 def profile_step(name, device="cpu", steps=3, top=25) -> str:
     """cProfile of `steps` of our unit for configuration `name` after one warm-up: the top functions by tottime."""
     cfg = CONFIGS[name]
-    unit = ours_unit(cfg, build_model(cfg, get_backend(device)))
+    unit = ours_unit(cfg, wrap(build_model(cfg, get_backend(device))))
     unit()
     prof = cProfile.Profile()
     prof.enable()

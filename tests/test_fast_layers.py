@@ -224,14 +224,14 @@ def test_channels_last_concat_gradient_matches_finite_differences(backend, rng):
 
 def test_unet_on_two_threads_matches_one_thread(cpu_backend, monkeypatch):
     """The batch split over two workers: the same output (per-image work is untouched) and the same gradients up
-    to the order in which the parts' gradients are summed."""
+    to the order in which the chunks' gradients are summed."""
     threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
-    from minidiff.models import base as denoiser
+    from minidiff.execution import data_parallel
     from minidiff.models.unet import UNet
-    monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS", 1)   # split even this small batch
-    monkeypatch.setattr(denoiser, "MIN_PART_ELEMENTS_THREADS", 1)
-    model = UNet(base_channels=8, groups=4, channel_mults=(1, 2), attention_levels=(1,), num_heads=2,
-                 dtype="float64", device=cpu_backend)
+    monkeypatch.setattr(data_parallel, "MIN_CHUNK_ELEMENTS", 1)   # split even this small batch
+    monkeypatch.setattr(data_parallel, "MIN_CHUNK_ELEMENTS_THREADS", 1)
+    model = data_parallel.DataParallel(UNet(base_channels=8, groups=4, channel_mults=(1, 2), attention_levels=(1,),
+                                            num_heads=2, dtype="float64", device=cpu_backend))
     rng = np.random.default_rng(6)
     x = cpu_backend.asarray(rng.standard_normal((5, 1, 8, 8)))
     t, dout = rng.integers(0, 1000, 5), cpu_backend.asarray(rng.standard_normal((5, 1, 8, 8)))
@@ -246,33 +246,36 @@ def test_unet_on_two_threads_matches_one_thread(cpu_backend, monkeypatch):
         np.testing.assert_allclose(runs[2][1][name], g, rtol=1e-10, atol=1e-13, err_msg=name)
 
 
-def test_a_batch_is_split_only_when_each_part_gets_enough_work(cpu_backend):
+def test_a_batch_is_split_only_when_each_chunk_gets_enough_work(cpu_backend):
     threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
-    from minidiff.models import base as denoiser
+    from minidiff.execution import data_parallel
     from minidiff.models.unet import UNet
-    model = UNet(base_channels=8, groups=4, device=cpu_backend)
-    # parts in worker processes pay from smaller parts than parts on threads (the strict backend's)
-    min_part = denoiser.MIN_PART_ELEMENTS if model._parts_in_processes() else denoiser.MIN_PART_ELEMENTS_THREADS
+    from minidiff.nn.tape import Tape
+    model = data_parallel.DataParallel(UNet(base_channels=8, groups=4, device=cpu_backend))
+    # chunks in worker processes pay from smaller chunks than chunks on threads (the strict backend's)
+    min_chunk = data_parallel.MIN_CHUNK_ELEMENTS if model.in_processes else data_parallel.MIN_CHUNK_ELEMENTS_THREADS
     per_image = 64   # 1 x 8 x 8
     with threadpool_limits(2, user_api="blas"):
-        for n, parts in ((2 * min_part // per_image - 1, 1), (2 * min_part // per_image, 2)):
+        for n, count in ((2 * min_chunk // per_image - 1, 1), (2 * min_chunk // per_image, 2)):
             x = cpu_backend.asarray(np.zeros((n, 1, 8, 8)), dtype=np.float32)
-            model.forward(x, np.zeros(n, dtype=np.int64))
-            assert len(model._tape[0][0]) == parts, n
+            tape = Tape()
+            model.forward_pass(x, np.zeros(n, dtype=np.int64), tape)
+            (chunks, _, _), = tape
+            assert len(chunks) == count, n
 
 
-def test_map_parts_keeps_order_propagates_errors_and_restores_blas_threads():
+def test_map_chunks_keeps_order_propagates_errors_and_restores_blas_threads():
     threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
     with threadpool_limits(2, user_api="blas"):
-        assert parallel.map_parts(lambda p: p * p, range(7), np) == [p * p for p in range(7)]
-        assert parallel.map_parts(lambda p: parallel.cpu_workers(np), range(2), np) == [1, 1]  # nested: serial
+        assert parallel.map_chunks(lambda p: p * p, range(7), np) == [p * p for p in range(7)]
+        assert parallel.map_chunks(lambda p: parallel.cpu_workers(np), range(2), np) == [1, 1]  # nested: serial
 
         def boom(p):
             if p == 3:
-                raise ValueError("part 3")
+                raise ValueError("chunk 3")
             return p
-        with pytest.raises(ValueError, match="part 3"):
-            parallel.map_parts(boom, range(6), np)
+        with pytest.raises(ValueError, match="chunk 3"):
+            parallel.map_chunks(boom, range(6), np)
         assert parallel.cpu_workers(np) == 2   # BLAS is back to two threads after the error
 
 
@@ -282,14 +285,14 @@ def test_batch_chunks_cover_the_batch_once():
     assert batch_chunks(5, 0) == [(0, 5)]
 
 
-def test_map_parts_workers_use_the_callers_floating_point_error_handling():
-    """NumPy threads start with the default error handling; the parts must follow the caller's np.errstate (the
+def test_map_chunks_workers_use_the_callers_floating_point_error_handling():
+    """NumPy threads start with the default error handling; the chunks must follow the caller's np.errstate (the
     trainer silences overflow warnings with it, a test may turn them into errors)."""
     threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
     overflow = lambda p: np.float32(3e38) * np.float32(10)   # noqa: E731
     with threadpool_limits(2, user_api="blas"):
         with np.errstate(over="raise"), pytest.raises(FloatingPointError):
-            parallel.map_parts(overflow, range(2), np)
+            parallel.map_chunks(overflow, range(2), np)
         with np.errstate(over="ignore"), warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert all(np.isinf(parallel.map_parts(overflow, range(2), np)))
+            assert all(np.isinf(parallel.map_chunks(overflow, range(2), np)))

@@ -11,6 +11,7 @@ from minidiff.backend import BackendError, get_backend, to_numpy
 from minidiff.optim import build_optimizer
 from minidiff.diffusion.samplers import ddim_sample
 from minidiff.diffusion.schedules import make_schedule
+from minidiff.execution.graphs import CudaGraphs
 from minidiff.models.unet import UNet
 
 try:
@@ -60,8 +61,7 @@ def test_direct_cublas_products_replay_in_a_cuda_graph_that_cupy_matmul_cannot_e
 
 def _train_steps(graphs, dtype="float32", steps=4, between=None):
     """Forward, backward and Adam for `steps` batches; -> (model, outputs, flat gradients, final parameters)."""
-    model = UNet(**SMALL_UNET, dtype=dtype, seed=3, device=GPU)
-    model.set_cuda_graphs(graphs)
+    model = graphed_unet(graphs, dtype=dtype)
     opt = build_optimizer("adam", model.params, lr=1e-2)
     rng = np.random.default_rng(1)
     outs, grads = [], []
@@ -78,15 +78,19 @@ def _train_steps(graphs, dtype="float32", steps=4, between=None):
     return model, outs, grads, to_numpy(model.params.flat)
 
 
+def graphed_unet(graphs=True, dtype="float32"):
+    return CudaGraphs(UNet(**SMALL_UNET, dtype=dtype, seed=3, device=GPU), enabled=graphs)
+
+
 def _graphed(model):
-    return [key for key, e in model._graphs.entries.items() if e.forward_graph is not None]
+    return [key for key, e in model.entries.items() if e.forward_graph is not None]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_cuda_graph_training_steps_give_the_eager_steps_bits(dtype):
     from minidiff.execution import graphs as graphs_gpu
     model, outs, grads, params = _train_steps(True, dtype)
-    assert _graphed(model) and all(e.backward_graph is not None for e in model._graphs.entries.values())
+    assert _graphed(model) and all(e.backward_graph is not None for e in model.entries.values())
     assert graphs_gpu.pool_bytes() > 0
     _, outs0, grads0, params0 = _train_steps(False, dtype)
     for step, (a, b, ga, gb) in enumerate(zip(outs, outs0, grads, grads0)):
@@ -107,7 +111,7 @@ def test_cuda_graphs_survive_the_scratch_buffers_being_dropped_and_reused():
             junk.extend(cupy.full(n, 7.0, dtype=np.float32) for n in sizes)   # the sizes the pool just got back
 
     model, outs, grads, params = _train_steps(True, steps=5, between=churn)
-    assert model._graphs is not None and all(e.backward_graph is not None for e in model._graphs.entries.values())
+    assert model.enabled and all(e.backward_graph is not None for e in model.entries.values())
     _, outs0, grads0, params0 = _train_steps(False, steps=5)
     assert junk and all(bool((j == 7.0).all()) for j in junk)   # no replay wrote into memory handed on
     np.testing.assert_array_equal(params, params0)
@@ -120,11 +124,10 @@ def test_cuda_graph_sampling_gives_the_eager_samples_bits():
     schedule = make_schedule("linear", 1000)
     samples = []
     for graphs in (True, False):
-        model = UNet(**SMALL_UNET, seed=3, device=GPU)
-        model.set_cuda_graphs(graphs)
+        model = graphed_unet(graphs)
         fn = lambda x, t: model.forward(x, t, cache=False)  # noqa: E731
         samples.append(to_numpy(ddim_sample(fn, schedule, (4, 1, 16, 16), num_steps=6, backend=GPU, seed=2)))
-        assert bool(_graphed(model)) == graphs if graphs else model._graphs is None
+        assert bool(_graphed(model)) == graphs == model.enabled
     np.testing.assert_array_equal(*samples)
 
 
@@ -141,7 +144,7 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_runs_eagerly(monkeypatch
     monkeypatch.setattr(matmul.cublas_gpu, "matmul", lambda xp, a, b, out=None: cupy.matmul(a, b, out=out))
     with pytest.warns(RuntimeWarning, match="CUDA graphs are off"):
         model, outs, grads, params = _train_steps(True)
-    assert model._graphs is None
+    assert not model.enabled
     _, outs0, grads0, params0 = _train_steps(False)
     np.testing.assert_allclose(params, params0, rtol=1e-5, atol=1e-6)   # cupy.matmul's products, not ours
 
@@ -158,7 +161,7 @@ def test_training_with_cuda_graphs_gives_the_eager_runs_bits(monkeypatch, tmp_pa
         trainer = Trainer(config)
         for _ in range(5):
             trainer.train_step()
-        assert (trainer.model._graphs is not None and bool(_graphed(trainer.model))) == enabled
+        assert (trainer.model.enabled and bool(_graphed(trainer.model))) == enabled
         params.append(to_numpy(trainer.model.params.flat))
     np.testing.assert_array_equal(*params)
 
@@ -167,7 +170,7 @@ def test_the_memory_peak_counts_what_the_eager_warm_up_held_before_a_capture_fre
     from minidiff.execution import graphs as graphs_gpu
     GPU.xp.get_default_memory_pool().free_all_blocks()
     graphs_gpu.reset_peak()
-    model = UNet(**SMALL_UNET, seed=3, device=GPU)
+    model = graphed_unet()
     x = GPU.asarray(np.ones((8, 1, 16, 16)), dtype=np.float32)
     model.forward(x, np.arange(8), cache=False)        # eager: its activations stay cached in the default pool
     eager = GPU.xp.get_default_memory_pool().total_bytes()
@@ -182,7 +185,7 @@ def test_a_failed_backward_capture_reruns_the_forward_eagerly_and_turns_graphs_o
     monkeypatch.setattr(flat, "is_capturing", lambda xp: False)   # the backward's gather then needs the host
     with pytest.warns(RuntimeWarning, match="CUDA graphs are off"):
         model, outs, grads, params = _train_steps(True)
-    assert model._graphs is None
+    assert not model.enabled
     _, outs0, grads0, params0 = _train_steps(False)
     np.testing.assert_array_equal(params, params0)
     np.testing.assert_array_equal(grads[1], grads0[1])   # the step whose backward capture failed
@@ -200,7 +203,7 @@ def test_a_scratch_buffer_missing_at_capture_time_defers_the_capture_to_the_next
         warnings.simplefilter("error", RuntimeWarning)   # graphs must stay on
         model, outs, grads, params = _train_steps(True, steps=5, between=clear)
         assert _graphed(model)
-        model2 = UNet(**SMALL_UNET, seed=3, device=GPU)
+        model2 = graphed_unet()
         x = GPU.asarray(np.ones((8, 1, 16, 16)), dtype=np.float32)
         results = []
         for step in range(4):
@@ -208,7 +211,7 @@ def test_a_scratch_buffer_missing_at_capture_time_defers_the_capture_to_the_next
             if step == 1:
                 workspace.clear()   # the backward's capture finds no scratch: it runs eagerly, the forward again
             results.append(to_numpy(model2.backward(out).flat))
-        assert _graphed(model2) and all(e.backward_graph is not None for e in model2._graphs.entries.values())
+        assert _graphed(model2) and all(e.backward_graph is not None for e in model2.entries.values())
     _, outs0, grads0, params0 = _train_steps(False, steps=5)
     np.testing.assert_array_equal(params, params0)
     for r in results[1:]:
@@ -216,8 +219,7 @@ def test_a_scratch_buffer_missing_at_capture_time_defers_the_capture_to_the_next
 
 
 def test_forwards_of_other_shapes_between_a_forward_and_its_backward_leave_its_graph_intact():
-    models = [UNet(**SMALL_UNET, seed=3, device=GPU) for _ in range(2)]
-    models[1].set_cuda_graphs(False)
+    models = [graphed_unet(graphs) for graphs in (True, False)]
     rng = np.random.default_rng(4)
     got = [[], []]
     for step in range(4):
@@ -236,14 +238,13 @@ def test_forwards_of_other_shapes_between_a_forward_and_its_backward_leave_its_g
 
 def test_more_input_shapes_than_entries_run_eagerly_with_the_same_results():
     from minidiff.execution import graphs as graphs_gpu
-    models = [UNet(**SMALL_UNET, seed=3, device=GPU) for _ in range(2)]
-    models[1].set_cuda_graphs(False)
+    models = [graphed_unet(graphs) for graphs in (True, False)]
     outs = [[], []]
     for n in (1, 2, 3, 4, 5, 6) * 2:
         x = GPU.asarray(np.full((n, 1, 16, 16), 0.1 * n), dtype=np.float32)
         for model, o in zip(models, outs):
             o.append(to_numpy(model.forward(x, np.arange(n), cache=False)))
-    assert len(models[0]._graphs.entries) == graphs_gpu.MAX_ENTRIES == len(_graphed(models[0]))
+    assert len(models[0].entries) == graphs_gpu.MAX_ENTRIES == len(_graphed(models[0]))
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
 
@@ -271,7 +272,7 @@ def test_a_full_training_run_with_probes_samples_and_evaluation_gives_the_eager_
         monkeypatch.setattr(graphs_gpu, "ENABLED", enabled)
         trainer, run = start_run(config, tmp_path / f"run{enabled}.h5")
         trainer.train(run, config.steps)
-        assert (trainer.model._graphs is not None and bool(_graphed(trainer.model))) == enabled
+        assert (trainer.model.enabled and bool(_graphed(trainer.model))) == enabled
         states.append(to_numpy(trainer.model.params.flat))
     np.testing.assert_array_equal(*states)
 
@@ -285,7 +286,7 @@ def test_a_product_into_an_out_that_overlaps_an_operand_is_computed_from_the_ope
     np.testing.assert_allclose(cupy.asnumpy(a), want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_dropped_model_takes_its_graphs_and_their_memory_with_it():
+def test_a_dropped_wrapper_takes_its_graphs_and_their_memory_with_it():
     import gc
     import weakref
     from minidiff.execution import graphs as graphs_gpu

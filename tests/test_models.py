@@ -1,4 +1,4 @@
-"""MLPDenoiser against PyTorch autograd, and the model registry."""
+"""MLPDenoiser against PyTorch autograd, the model registry, the passes a wrapper uses, and `execution.wrap`."""
 
 import json
 
@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from minidiff.backend import to_numpy
+from minidiff.execution import DataParallel, ModelWrapper, wrap
 from minidiff.models import MODELS, MLPDenoiser, build_model
 from minidiff.models.unet import UNet
+from minidiff.nn.tape import NoTape, Tape
 from test_unet import TOL, compare_with_twin, perturbed
 
 
@@ -39,3 +41,62 @@ def test_registry_rebuilds_every_model_from_its_json_config():
 def test_mlp_rejects_wrong_shapes():
     with pytest.raises(ValueError, match="need x"):
         MLPDenoiser(data_dim=2).forward(np.zeros((3, 3), np.float32), np.zeros(3, int))
+
+
+SMALL = {"unet": (dict(base_channels=8, groups=4), (3, 1, 8, 8)), "mlp": (dict(hidden=8, num_blocks=1), (5, 2))}
+
+
+def _inputs(backend, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (backend.asarray(rng.standard_normal(shape), dtype=np.float32), rng.integers(0, 1000, shape[0]),
+            backend.asarray(rng.standard_normal(shape), dtype=np.float32))
+
+
+def _same(a, b):
+    a, b = to_numpy(a), to_numpy(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_the_passes_on_a_tape_of_the_callers_are_the_forward_and_backward_and_keep_nothing(cpu_backend, name):
+    kwargs, shape = SMALL[name]
+    model = perturbed(build_model(name, **kwargs, device=cpu_backend))
+    x, t, dout = _inputs(cpu_backend, shape)
+    out, grads = model.forward(x, t), model.backward(dout)
+    tape = Tape()
+    assert _same(model.forward_pass(x, t, tape), out) and len(tape) > 0
+    with pytest.raises(RuntimeError, match="backward needs a forward"):   # the model kept no tape of its own
+        model.backward(dout)
+    with pytest.raises(RuntimeError, match="out of step"):   # a cache below the forward's is left on the tape
+        model.backward_pass(dout, Tape(["an earlier cache", *tape]))
+    passed = model.backward_pass(dout, tape)
+    assert not tape and model.params.same_layout(passed) and _same(passed.flat, grads.flat)
+    assert _same(model.forward_pass(x.astype(np.float64), t, NoTape()), out)   # cast to the model's dtype
+
+
+def test_moved_parameters_keep_their_values_and_layout_and_the_model_uses_them():
+    model = perturbed(UNet(base_channels=8, groups=4))
+    before = model.params.flat.copy()
+    flat = np.full(before.shape, np.nan, dtype=before.dtype)
+    model.move_params(flat)
+    assert model.params.flat is flat and _same(flat, before) and model.params.intact()
+    model.params["conv_in.bias"][...] = 7.0
+    assert flat[model.params.spans["conv_in.bias"][0]] == 7.0
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_wrap_splits_only_independent_images_and_keeps_the_model_interface_and_its_bits(cpu_backend, name):
+    kwargs, shape = SMALL[name]
+    model = perturbed(build_model(name, **kwargs, device=cpu_backend))
+    x, t, dout = _inputs(cpu_backend, shape)
+    out, grads = model.forward(x, t), model.backward(dout)
+    runner = wrap(model)
+    assert isinstance(runner, ModelWrapper) and isinstance(runner, DataParallel) == (name == "unet")
+    assert runner.params is model.params and runner.config == model.config and runner.dtype == model.dtype
+    assert runner.backend == model.backend and runner.num_params() == model.num_params()
+    assert _same(runner.forward(x, t), out) and _same(runner.backward(dout).flat, grads.flat)   # one chunk here
+    with pytest.raises(RuntimeError, match="once per forward"):
+        runner.backward(dout)
+    runner.load_params({k: np.zeros(v.shape) for k, v in model.params.items()})
+    assert not to_numpy(model.params.flat).any()
+    runner.stop_workers()

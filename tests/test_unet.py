@@ -9,7 +9,8 @@ from minidiff.nn.attention import AttnBlock
 from minidiff.backend import to_numpy
 from minidiff.nn.tape import Tape
 from minidiff.models import build_model
-from minidiff.models.unet import ResBlock, UNet
+from minidiff.models.blocks import ResBlock
+from minidiff.models.unet import UNet
 from test_layers import numeric_grad, rel_error
 
 CONFIGS = {  # (constructor kwargs, input shape)

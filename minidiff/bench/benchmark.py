@@ -27,6 +27,7 @@ from minidiff.backend import get_backend
 from minidiff.bench.flops import blas_info, limit_threads, matmul_peak_gflops, unet_flops
 from minidiff.bench.memory import measure_memory
 from minidiff.bench.units import CONFIGS, BenchConfig, build_model, make_twin, ours_unit, torch_unit
+from minidiff.execution import wrap
 
 QUICK = {"repeats": 2, "warmup": 1}  # `minidiff bench --quick`
 
@@ -103,7 +104,8 @@ def _bench_one(cfg, s: _Session, say) -> dict:
     say(f"{cfg.name}: measuring the {s.dtype} matmul peak")
     s.peaks.append(matmul_peak_gflops(s.backend, s.dtype))
     model = build_model(cfg, s.backend, s.dtype)
-    units = [ours_unit(cfg, model)] + ([torch_unit(cfg, model, make_twin(model))] if s.torch else [])
+    runner = wrap(model)
+    units = [ours_unit(cfg, runner)] + ([torch_unit(cfg, runner, make_twin(model))] if s.torch else [])
     say(f"{cfg.name}: timing {cfg.unit} x {s.repeats} (+{s.warmup} warm-up){' vs torch' if s.torch else ''}")
     sync = _synchronizer(s.backend, bool(s.torch) and s.backend.name == "cupy")
     times = interleaved_times(units, s.warmup, s.repeats, sync, s.settle) + [None]

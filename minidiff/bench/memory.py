@@ -16,8 +16,9 @@ from dataclasses import asdict, replace
 from minidiff.kernels import cublas as cublas_gpu
 from minidiff.execution import graphs as graphs_gpu
 from minidiff.backend import get_backend
-from minidiff.bench.units import BenchConfig, build_model, host_batch, make_twin, ours_unit, torch_unit
 from minidiff.bench.flops import limit_threads
+from minidiff.bench.units import BenchConfig, build_model, host_batch, make_twin, ours_unit, torch_unit
+from minidiff.execution import wrap
 from minidiff.optim import build_optimizer
 
 
@@ -32,8 +33,8 @@ def _memory_mark(backend, impl):
     CPU: the process's resident set, which sees every allocator (NumPy's, PyTorch's, BLAS buffers). The kernel's
     high-water mark is reset (5 to /proc/self/clear_refs) and VmRSS is the baseline; the peak is VmHWM. Where
     clear_refs is refused, ru_maxrss is both (then an earlier, higher peak could hide the step's). Our worker
-    processes (minidiff.execution.processes) add their private memory (`Denoiser.worker_memory_mib`): what they allocated and
-    the pre-fork pages they keep once the parent has written to its copy.
+    processes (minidiff.execution.processes) add their private memory (`DataParallel.worker_memory_mib`): what they
+    allocated and the pre-fork pages they keep once the parent has written to its copy.
     GPU: the caching allocators' reserved bytes, emptied of cached blocks first: for ours, the peak of CuPy's
     default pool plus the CUDA graphs' own pools (`graphs_gpu.peak_reserved_bytes`: the pools only grow, except
     where a capture hands the default pool's cached blocks back, and the total just before that counts too) plus
@@ -92,18 +93,19 @@ def _probe(spec) -> dict:
     backend = get_backend(spec["device"])
     with limit_threads(spec["threads"]):
         model = build_model(cfg, backend, spec["dtype"])
+        runner = wrap(model)   # in either process, as training runs it (and with its allocator settings)
         twin = None
         if impl == "torch":
             import torch
             torch.set_num_threads(spec["torch_threads"])
             twin = make_twin(model)
-        _warm_up(cfg, model, twin)
+        _warm_up(cfg, runner, twin)
         peak, base = _memory_mark(backend, impl)  # parameters are resident already; the rest comes after
-        unit = torch_unit(cfg, model, twin) if twin is not None else ours_unit(cfg, model)
+        unit = torch_unit(cfg, runner, twin) if twin is not None else ours_unit(cfg, runner)
         for _ in range(spec["steps"]):
             unit()
-        # our worker processes (minidiff.execution.processes) fork during the first unit: their own growth counts as well
-        return {"peak_mem_mb": peak() - base + (model.worker_memory_mib() if impl == "ours" else 0.0)}
+        # our worker processes (minidiff.execution.processes) fork during the first unit: their growth counts as well
+        return {"peak_mem_mb": peak() - base + (runner.worker_memory_mib() if impl == "ours" else 0.0)}
 
 
 def measure_memory(cfg, impl, device="cpu", dtype="float32", threads=None, torch_threads=1, steps=2,

@@ -62,17 +62,19 @@ def host_batch(cfg, seed=0):
 
 
 def build_model(cfg, backend, dtype="float32"):
+    """The UNet of `cfg` (wrap it to run it: minidiff.execution.wrap; the PyTorch twin is made from it)."""
     return UNet(**cfg.model, dtype=dtype, seed=0, device=backend)
 
 
 def ours_unit(cfg, model):
-    """-> a callable running one unit of `cfg` with our code (optimizer state is made here, once)."""
+    """-> a callable running one unit of `cfg` with our code, `model` wrapped as training runs it
+    (minidiff.execution.wrap); optimizer state is made here, once."""
     be, dt = model.backend, model.dtype
     if cfg.sample_steps:
         schedule = make_schedule("linear", 1000)
         fn = lambda x, t: model.forward(x, t, cache=False)  # noqa: E731
         return lambda: ddim_sample(fn, schedule, cfg.input_shape, num_steps=cfg.sample_steps, backend=be, dtype=dt)
-    model.start_workers(cfg.input_shape)   # before the optimizer state: see there
+    model.start_workers(cfg.input_shape)   # before the optimizer state (DataParallel.start_workers)
     opt = build_optimizer("adam", model.params, lr=LR)
     x, t, y = host_batch(cfg)
     x, y = be.asarray(x, dtype=dt), be.asarray(y, dtype=dt)

@@ -1,28 +1,27 @@
-"""Batch parts on the cores in worker processes: a model's forward and backward over its parts, without the GIL.
+"""Chunks of a batch on the cores in worker processes: a model's forward and backward over chunks, without the GIL.
 
-Why processes: the parts of a batch are independent (minidiff.execution.threads), but threads share the GIL, and every NumPy
-call that releases it can hand it to the other thread. On this project's VMs a handoff costs tens of microseconds
-(a waiting thread sleeps and its core idles): two threads making 1-3 us NumPy calls ran at 0.36-0.73x the speed of
-one thread, and a 128-image digits step on 2 threads took 49-55 ms where two processes each running a 64-image step
-side by side took 38-40 ms each. So on a multi-core CPU with the plain NumPy backend, part 0 runs in the calling
-process and parts 1..W-1 run in W-1 forked worker processes, one per part, each with one BLAS thread.
+Why processes: the chunks of a batch are independent (minidiff.execution.threads), but threads share the GIL, and
+every NumPy call that releases it can hand it to the other thread. A handoff can cost tens of microseconds (a waiting
+thread sleeps and its core idles), more than the 1-3 us NumPy calls of a small model's step, so threads can run
+slower than one thread alone (BENCHMARKS.md). So on a multi-core CPU with the plain NumPy backend, chunk 0 runs in
+the calling process and chunks 1..W-1 in W-1 forked worker processes, one per chunk, each with one BLAS thread.
 
 What is shared and what travels:
-  parameters   allocated in shared memory (`shared_arrays`) before the workers fork: the optimizer's in-place
-               updates and load_params are seen by every worker with no copy;
-  gradients    each worker writes its part's gradients into its own shared buffers, made before it forks;
-  activations  stay in the process that made them: a worker keeps its part's tape from forward to backward;
-  x, t, dout   and the worker's output part travel pickled over a pipe (a few KB to a few MB a step).
-A worker computes its part exactly as a thread would (the same code, one BLAS thread) and the caller adds the
-parts' gradients in part order, so results are bitwise those of threaded parts with the same split (the two
-split from different batch sizes: minidiff.models.base's MIN_PART_ELEMENTS and MIN_PART_ELEMENTS_THREADS).
+  parameters   in shared memory (`shared_buffer`, minidiff.execution.data_parallel moves them there) before the
+               workers fork: the optimizer's in-place updates and load_params are seen by every worker with no copy;
+  gradients    each worker writes its chunk's gradients into its own shared buffers, made before it forks;
+  activations  stay in the process that made them: a worker keeps its chunk's tape from forward to backward;
+  x, t, dout   and the worker's output chunk travel pickled over a pipe (a few KB to a few MB a step).
+A worker computes its chunk exactly as a thread would (the same code, one BLAS thread) and the caller adds the
+chunks' gradients in chunk order, so results are bitwise those of threaded chunks with the same split (the two split
+from different batch sizes: minidiff.execution.data_parallel's MIN_CHUNK_ELEMENTS and MIN_CHUNK_ELEMENTS_THREADS).
 
-Lifetime: on a model's first split call, one worker per BLAS thread but one is forked (a call with fewer parts
-uses the first ones), and they live as long as the model (weakref.finalize) or until `close`; if a later call needs
-more parts (BLAS was given more threads), they are closed and a full new set is forked. A worker exits when its pipe
-closes (also when the parent dies), ignores SIGINT (Ctrl-C is the parent's to handle) and takes SIGTERM's default
-action. Any failure of the round trip other than an error raised by the part's own computation (which is re-raised
-in the caller) closes the workers; the next split call forks new ones.
+Lifetime: on the first call that needs them, one worker per BLAS thread but one is forked (a call with fewer chunks
+uses the first ones), and they live as long as their owner holds them (weakref.finalize) or until `close`; if a
+later call needs more chunks (BLAS was given more threads), they are closed and a full new set is forked. A worker
+exits when its pipe closes (also when the parent dies), ignores SIGINT (Ctrl-C is the parent's to handle) and takes
+SIGTERM's default action. Any failure of the round trip other than an error raised by the chunk's own computation
+(which is re-raised in the caller) closes the workers; the next call forks new ones.
 """
 
 from __future__ import annotations
@@ -37,26 +36,30 @@ from multiprocessing.connection import Pipe
 
 import numpy
 
+from minidiff.execution.threads import blas_held, enter_worker
 from minidiff.kernels.flat import FlatArrays, total_size
 from minidiff.kernels.workspace import release_free_memory
-from minidiff.nn.tape import NoTape, Tape
-from minidiff.execution.threads import blas_held, enter_worker
+from minidiff.nn.tape import make_tape
 
 # Linux only: elsewhere fork is missing, or (macOS) unsafe once system frameworks such as Accelerate have started
-# threads. Set it to False before building a model to run its parts on threads (tests compare the two).
+# threads. Set it to False before wrapping a model to run its chunks on threads (tests compare the two).
 USE_PROCESSES = sys.platform.startswith("linux")
 
 
-def shared_arrays(shapes: dict, dtype) -> FlatArrays:
-    """{name: zero-filled NumPy array of shape}, laid end to end (minidiff.kernels.flat) in one block of anonymous shared
-    memory (MAP_SHARED), which a forked child shares with its parent instead of copying it."""
+def shared_buffer(size: int, dtype):
+    """A zero-filled 1-D NumPy array in a block of anonymous shared memory (MAP_SHARED), which a forked child shares
+    with its parent instead of copying it."""
     dtype = numpy.dtype(dtype)
-    n = total_size(shapes)
-    return FlatArrays(shapes, numpy.frombuffer(mmap.mmap(-1, max(n, 1) * dtype.itemsize), dtype=dtype, count=n))
+    return numpy.frombuffer(mmap.mmap(-1, max(size, 1) * dtype.itemsize), dtype=dtype, count=size)
+
+
+def shared_arrays(shapes: dict, dtype) -> FlatArrays:
+    """{name: zero-filled NumPy array of shape}, laid end to end (minidiff.kernels.flat) in one `shared_buffer`."""
+    return FlatArrays(shapes, shared_buffer(total_size(shapes), dtype))
 
 
 class WorkerError(RuntimeError):
-    """A worker process failed outside its part's computation (it died, or its pipe broke)."""
+    """A worker process failed outside its chunk's computation (it died, or its pipe broke)."""
 
 
 def _private_mib():
@@ -73,12 +76,12 @@ def _private_mib():
 
 
 def _serve(conn, model, grads):
-    """The worker's loop: run forward / backward requests on this process's part until the pipe closes."""
+    """The worker's loop: run forward / backward requests on this process's chunk until the pipe closes."""
     enter_worker()
     tape = None
     while True:
         try:
-            op, method, args, errstate = conn.recv()
+            op, args, errstate = conn.recv()
         except (EOFError, OSError):
             return
         try:
@@ -87,20 +90,17 @@ def _serve(conn, model, grads):
                     reply = ("ok", _private_mib())
                 elif op == "forward":
                     x, t, cache = args
-                    part_tape = Tape() if cache else NoTape()
-                    reply = ("ok", getattr(model, method)(x, t, part_tape))
+                    chunk_tape = make_tape(cache)
+                    reply = ("ok", model.forward_pass(x, t, chunk_tape))
                     if cache:
-                        tape = part_tape
+                        tape = chunk_tape
                 else:   # backward: the gradients go into the shared buffers
                     if tape is None:
                         raise RuntimeError("backward needs a forward with cache=True first")
-                    part_grads = getattr(model, method)(args, tape)
-                    if tape:
-                        raise RuntimeError(f"backward left {len(tape)} caches unused: the tape is out of step")
-                    tape = None
-                    numpy.concatenate([part_grads[name].reshape(-1) for name in grads], out=grads.flat)
+                    chunk_tape, tape = tape, None
+                    model.backward_pass(args, chunk_tape, out=grads)
                     reply = ("ok", None)
-        except Exception as exc:   # noqa: BLE001 -- the part's own error, raised again in the caller
+        except Exception as exc:   # noqa: BLE001 -- the chunk's own error, raised again in the caller
             reply = ("error", exc)
         try:
             conn.send(reply)
@@ -110,8 +110,9 @@ def _serve(conn, model, grads):
             conn.send(("error", RuntimeError(f"{type(exc).__name__} in a worker: {exc}")))
 
 
-class PartWorkers:
-    """W - 1 forked workers for parts 1..W-1 of a model's batch; part 0 stays with the caller."""
+class ChunkWorkers:
+    """W - 1 forked workers for chunks 1..W-1 of a model's batch; chunk 0 stays with the caller. The model's
+    parameters must be in shared memory already (`shared_buffer`)."""
 
     def __init__(self, model, count):
         self.grads = [shared_arrays({n: p.shape for n, p in model.params.items()}, model.dtype)
@@ -155,20 +156,20 @@ class PartWorkers:
         stay with the process, minidiff.kernels.workspace, so that is its peak), MiB, summed."""
         try:
             for k in range(self.count):
-                self.request(k, "memory", None, None)
+                self.request(k, "memory", None)
             return sum(self.reply(k) for k in range(self.count))
         except BaseException:   # a reply left unread would answer the next request
             self.close()
             raise
 
-    def run_parts(self, local, op, method, worker_args):
-        """Send (op, method, worker_args[k]) to worker k, run local() here meanwhile with BLAS on one thread, and
-        return [local's result] + the workers' results. An error raised by a part is raised after every reply is
-        in (part 0's first, as minidiff.execution.threads.map_parts does); anything else (a dead worker, Ctrl-C) closes
-        the workers, since their replies can no longer be matched to requests."""
+    def run_chunks(self, local, op, worker_args):
+        """Send (op, worker_args[k]) to worker k, run local() here meanwhile with BLAS on one thread, and return
+        [local's result] + the workers' results. An error raised by a chunk is raised after every reply is in
+        (chunk 0's first, as minidiff.execution.threads.map_chunks does); anything else (a dead worker, Ctrl-C)
+        closes the workers, since their replies can no longer be matched to requests."""
         try:
             for k, args in enumerate(worker_args):
-                self.request(k, op, method, args)
+                self.request(k, op, args)
             results, errors = [], []
             try:
                 with blas_held(self.count + 1):
@@ -189,15 +190,15 @@ class PartWorkers:
             raise errors[0]
         return results
 
-    def request(self, k, op, method, args):
-        """Send one request to worker k (its part is part k + 1)."""
+    def request(self, k, op, args):
+        """Send one request to worker k (its chunk is chunk k + 1)."""
         try:
-            self.conns[k].send((op, method, args, numpy.geterr()))
+            self.conns[k].send((op, args, numpy.geterr()))
         except (OSError, ValueError) as exc:
             raise WorkerError(f"worker process {k + 1} is gone: {exc}") from exc
 
     def reply(self, k):
-        """Worker k's answer: its result, or the exception its part raised."""
+        """Worker k's answer: its result, or the exception its chunk raised."""
         try:
             status, value = self.conns[k].recv()
         except (EOFError, OSError) as exc:

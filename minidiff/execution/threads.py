@@ -1,21 +1,21 @@
-"""CPU parallelism: independent parts of a batch on the cores, each part single-threaded.
+"""CPU parallelism: independent chunks of a batch on the cores, each chunk single-threaded.
 
 NumPy runs elementwise work and copies on one core; only its BLAS is multi-threaded, and two BLAS threads sharing one
-of a chunked convolution's small products (1792 x 288 x 32) scale poorly. But the images of a batch are independent
-in a UNet (no batch statistics), so a model can run the forward and backward of each part of its batch on its own
-core: `map_parts` hands the parts to a pool of Python threads, BLAS held to one thread meanwhile. NumPy releases the
-GIL inside its copies, ufunc loops and BLAS calls, so all the work of a step -- products, GroupNorm, attention,
-copies -- runs side by side; only the Python between NumPy calls takes turns. (scikit-learn drives BLAS threads
-with threadpoolctl the same way.) Used by `Denoiser._forward_in_parts` / `_backward_in_parts` where worker
-processes are not (minidiff.execution.processes: the plain NumPy backend on Linux runs its parts in processes, because those
-turns cost far more than the Python itself on this project's VMs; the strict test backend and other systems use
-the threads here).
+of a chunked convolution's small products scale poorly. But the images of a batch are independent in a UNet (no
+batch statistics), so the forward and backward of each chunk of a batch can run on a core of its own: `map_chunks`
+hands the chunks to a pool of Python threads, BLAS held to one thread meanwhile. NumPy releases the GIL inside its
+copies, ufunc loops and BLAS calls, so all the work of a step -- products, GroupNorm, attention, copies -- runs side
+by side; only the Python between NumPy calls takes turns. (scikit-learn drives BLAS threads with threadpoolctl the
+same way.) Used by minidiff.execution.data_parallel where worker processes are not (minidiff.execution.processes: the
+plain NumPy backend on Linux runs its chunks in processes, because those turns can cost far more than the Python
+itself; the strict test backend and other systems use the threads here).
 
 The number of workers is NumPy's BLAS thread count at the time of the call, read through threadpoolctl: whatever
 limits BLAS (threadpool_limits, OPENBLAS_NUM_THREADS) limits minidiff as well, and the PyTorch comparison in the
 benchmark gives torch that same count. Without threadpoolctl, on CuPy (a GPU wants one large launch), or inside a
-part, parts run one after another on the calling thread. Each part writes only its own rows and `map_parts`
-returns the parts' results in part order, so for a given number of workers every result is reproducible bit for bit.
+chunk, chunks run one after another on the calling thread. Each chunk writes only its own rows and `map_chunks`
+returns the chunks' results in chunk order, so for a given number of workers every result is reproducible bit for
+bit.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _blas_controller():
 
 
 def cpu_workers(xp) -> int:
-    """How many threads `map_parts` uses for arrays of module `xp`: BLAS's thread count on the CPU, else 1."""
+    """How many threads `map_chunks` uses for arrays of module `xp`: BLAS's thread count on the CPU, else 1."""
     if is_cupy_module(xp) or getattr(_LOCAL, "in_worker", False):
         return 1
     if _HELD["workers"] is not None:
@@ -58,7 +58,8 @@ def cpu_workers(xp) -> int:
 
 @contextlib.contextmanager
 def blas_held(workers):
-    """BLAS on one thread while the parts run (restored after, also on errors); nested uses are no-ops."""
+    """BLAS on one thread while the chunks run, `cpu_workers` answering `workers` meanwhile (restored after, also on
+    errors); nested uses are no-ops."""
     if _HELD["workers"] is not None:
         yield
         return
@@ -74,7 +75,8 @@ def blas_held(workers):
 
 
 def enter_worker():
-    """In a worker process (minidiff.execution.processes): nested map_parts calls run serially and BLAS keeps one thread."""
+    """In a worker process (minidiff.execution.processes): nested map_chunks calls run serially and BLAS keeps one
+    thread."""
     _LOCAL.in_worker = True
     _HELD["workers"] = None
     blas = _blas_controller()
@@ -89,24 +91,25 @@ def _pool(workers):
     return _POOL[workers]
 
 
-def map_parts(fn, parts, xp):
-    """[fn(part) for part in parts], computed by up to `cpu_workers(xp)` threads (worker k takes parts k, k + w, ...).
+def map_chunks(fn, chunks, xp):
+    """[fn(chunk) for chunk in chunks], computed by up to `cpu_workers(xp)` threads (worker k takes chunks k, k + w,
+    ...).
 
-    fn must touch only its own part's outputs and use per-thread scratch (minidiff.kernels.workspace keys by thread).
+    fn must touch only its own chunk's outputs and use per-thread scratch (minidiff.kernels.workspace keys by thread).
     """
-    parts = list(parts)
-    workers = min(cpu_workers(xp), len(parts))
+    chunks = list(chunks)
+    workers = min(cpu_workers(xp), len(chunks))
     if workers <= 1:
-        return [fn(p) for p in parts]
+        return [fn(c) for c in chunks]
 
     errstate = numpy.geterr()   # threads start with NumPy's default error handling: use the caller's
 
-    def run(k):  # in a part, nested map_parts calls run serially: the cores are busy with the parts already
+    def run(k):  # in a chunk, nested map_chunks calls run serially: the cores are busy with the chunks already
         nested = getattr(_LOCAL, "in_worker", False)
         _LOCAL.in_worker = True
         try:
             with numpy.errstate(**errstate):
-                return [fn(p) for p in parts[k::workers]]
+                return [fn(c) for c in chunks[k::workers]]
         finally:
             _LOCAL.in_worker = nested
 
@@ -114,10 +117,10 @@ def map_parts(fn, parts, xp):
         futures = [_pool(workers).submit(run, k) for k in range(1, workers)]
         try:
             groups = [run(0)]
-        finally:   # wait for every worker, even if this thread's parts failed (then its error is the one raised)
+        finally:   # wait for every worker, even if this thread's chunks failed (then its error is the one raised)
             concurrent.futures.wait(futures)
         groups += [f.result() for f in futures]
-    results = [None] * len(parts)
+    results = [None] * len(chunks)
     for k, group in enumerate(groups):
         results[k::workers] = group
     return results

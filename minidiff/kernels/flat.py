@@ -62,19 +62,23 @@ class FlatArrays(dict):
                 and list(other._shapes.items()) == list(self._shapes.items()))
 
 
-def gather(layout: FlatArrays, arrays: dict, xp) -> FlatArrays:
+def gather(layout: FlatArrays, arrays: dict, xp, out: FlatArrays | None = None) -> FlatArrays:
     """`arrays` (the names and shapes of `layout`) copied end to end into a new buffer laid out like `layout`, in its
-    dtype: one concatenation (on a GPU a single kernel) instead of a copy per array.
+    dtype (or into `out`, laid out like it): one concatenation (on a GPU a single kernel) instead of a copy per array.
 
     Except while a CUDA graph captures (minidiff.execution.graphs): CuPy's concatenation of many arrays sends their
     pointers from the host, which a capture refuses, so there each array is copied into its span (the same bits; in
     a graph, launches cost no host time)."""
-    if not is_capturing(xp):
-        return layout.like(xp.concatenate([arrays[name].reshape(-1) for name in layout], dtype=layout.flat.dtype))
-    flat = xp.empty(layout.flat.shape, dtype=layout.flat.dtype)
-    for name, (a, b) in layout.spans.items():
-        flat[a:b] = arrays[name].reshape(-1)
-    return layout.like(flat)
+    if is_capturing(xp):
+        flat = out.flat if out is not None else xp.empty(layout.flat.shape, dtype=layout.flat.dtype)
+        for name, (a, b) in layout.spans.items():
+            flat[a:b] = arrays[name].reshape(-1)
+        return out if out is not None else layout.like(flat)
+    pieces = [arrays[name].reshape(-1) for name in layout]
+    if out is not None:
+        xp.concatenate(pieces, out=out.flat)
+        return out
+    return layout.like(xp.concatenate(pieces, dtype=layout.flat.dtype))
 
 
 def total_size(shapes: dict) -> int:

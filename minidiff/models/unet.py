@@ -9,134 +9,20 @@ Output: GroupNorm -> SiLU -> 3x3 conv, initialised to zero as in DDPM.
 
 The modules compute channels-last, (N, H, W, C): the UNet transposes its NCHW input and output once, at its edges,
 and every GroupNorm -> SiLU pair is one fused layer (`minidiff.nn.norm`). Parameters keep PyTorch's names and layouts.
-On a multi-core CPU the batch is split into one part per core, each part's forward and backward run side by side
-(`Denoiser._forward_in_parts`: worker processes, minidiff.execution.processes), and the parts' gradients are summed.
+Images never meet (no batch statistics), so a wrapper may run chunks of a batch side by side and sum their gradients
+(minidiff.execution.data_parallel).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+from minidiff.models.base import Denoiser
+from minidiff.models.blocks import Conv, Level, ResBlock, Upsample
 from minidiff.nn.attention import AttnBlock
 from minidiff.nn.conv import conv2d_nhwc_backward, conv2d_nhwc_forward
-from minidiff.models.base import Denoiser
-from minidiff.nn.tape import add_grads
 from minidiff.nn.layers import (concat_backward, concat_forward, conv2d_params, group_norm_params, linear_backward,
-                     linear_forward, linear_params, named_specs, silu_backward, silu_forward, timestep_embedding,
-                     upsample2x_nhwc_backward, upsample2x_nhwc_forward)
-from minidiff.kernels.channels import add_channels, channel_sums
+                                linear_forward, linear_params, named_specs, silu_backward, silu_forward)
 from minidiff.nn.norm import group_norm_nhwc_backward, group_norm_nhwc_forward
-
-
-class Conv:
-    """A Conv2d as a module, channels-last: parameters `name.weight` (O, C, k, k) and `name.bias` (O,)."""
-
-    def __init__(self, name, cin, cout, k=3, stride=1, padding=1, zero=False):
-        self.name, self.stride, self.padding = name, stride, padding
-        self.spec = conv2d_params(cin, cout, k, zero=zero)
-
-    def param_specs(self):
-        return named_specs(self.name, self.spec)
-
-    def forward(self, p, x, tape):
-        out, cache = conv2d_nhwc_forward(x, p[f"{self.name}.weight"], p[f"{self.name}.bias"], self.stride,
-                                         self.padding)
-        tape.append(cache)
-        return out
-
-    def backward(self, dout, grads, tape, input_grad=True):
-        dx, g = conv2d_nhwc_backward(dout, tape.pop(), input_grad)
-        add_grads(grads, self.name, g)
-        return dx
-
-
-class Upsample(Conv):
-    """Nearest 2x upsampling, then a 3x3 conv (`name.weight`, `name.bias`): (N, H, W, C) -> (N, 2H, 2W, C)."""
-
-    def __init__(self, name, channels):
-        super().__init__(name, channels, channels)
-
-    def forward(self, p, x, tape):
-        up, cache = upsample2x_nhwc_forward(x)
-        tape.append(cache)
-        return super().forward(p, up, tape)
-
-    def backward(self, dout, grads, tape):
-        dup = super().backward(dout, grads, tape)
-        return upsample2x_nhwc_backward(dup, tape.pop())[0]
-
-
-class ResBlock:
-    """GN -> SiLU -> conv3x3 -> + temb_proj(temb_act) -> GN -> SiLU -> conv3x3, plus x (1x1 `skip` conv if cin != cout).
-
-    Channels-last: x (N, H, W, cin), temb_act (N, temb_dim) = SiLU(temb) -> (N, H, W, cout).
-    """
-
-    def __init__(self, name, cin, cout, temb_dim, groups):
-        self.name, self.groups, self.has_skip = name, groups, cin != cout
-        self.spec = {"norm1": group_norm_params(cin), "conv1": conv2d_params(cin, cout, 3),
-                     "temb_proj": linear_params(temb_dim, cout), "norm2": group_norm_params(cout),
-                     "conv2": conv2d_params(cout, cout, 3)}
-        if self.has_skip:
-            self.spec["skip"] = conv2d_params(cin, cout, 1)
-
-    def param_specs(self):
-        return [s for layer, spec in self.spec.items() for s in named_specs(f"{self.name}.{layer}", spec)]
-
-    def forward(self, p, x, temb_act, tape):
-        n = self.name
-        h, c_n1 = group_norm_nhwc_forward(x, p[f"{n}.norm1.weight"], p[f"{n}.norm1.bias"], self.groups, silu=True,
-                                          cache=tape.keeps)
-        h, c_c1 = conv2d_nhwc_forward(h, p[f"{n}.conv1.weight"], None, 1, 1)
-        e, c_t = linear_forward(temb_act, p[f"{n}.temb_proj.weight"], p[f"{n}.temb_proj.bias"])
-        add_channels(h, e + p[f"{n}.conv1.bias"])   # conv1's bias and the timestep, in one pass
-        h, c_n2 = group_norm_nhwc_forward(h, p[f"{n}.norm2.weight"], p[f"{n}.norm2.bias"], self.groups, silu=True,
-                                          cache=tape.keeps)
-        h, c_c2 = conv2d_nhwc_forward(h, p[f"{n}.conv2.weight"], p[f"{n}.conv2.bias"], 1, 1)
-        c_skip = None
-        if self.has_skip:
-            s, c_skip = conv2d_nhwc_forward(x, p[f"{n}.skip.weight"], p[f"{n}.skip.bias"])
-            h += s
-        else:
-            h += x
-        tape.append((c_n1, c_c1, c_t, c_n2, c_c2, c_skip))
-        return h
-
-    def backward(self, dout, grads, tape):
-        """dout (N, H, W, cout) -> (dx (N, H, W, cin), dtemb_act (N, temb_dim)); parameter gradients into `grads`."""
-        c_n1, c_c1, c_t, c_n2, c_c2, c_skip = tape.pop()
-        n = self.name
-        dh, g = conv2d_nhwc_backward(dout, c_c2)
-        add_grads(grads, f"{n}.conv2", g)
-        dh, g = group_norm_nhwc_backward(dh, c_n2)
-        add_grads(grads, f"{n}.norm2", g)
-        N, H, W, C = dh.shape
-        de = channel_sums(dh.reshape(N, H * W, C))           # temb and conv1's bias were broadcast over H, W
-        dtemb, g = linear_backward(de, c_t)
-        add_grads(grads, f"{n}.temb_proj", g)
-        dh, g = conv2d_nhwc_backward(dh, c_c1)
-        add_grads(grads, f"{n}.conv1", {**g, "bias": de.sum(axis=0)})
-        dx, g = group_norm_nhwc_backward(dh, c_n1)
-        add_grads(grads, f"{n}.norm1", g)
-        if self.has_skip:
-            dskip, g = conv2d_nhwc_backward(dout, c_skip)
-            add_grads(grads, f"{n}.skip", g)
-            dx += dskip
-        else:
-            dx += dout
-        return dx, dtemb
-
-
-@dataclass
-class Level:
-    """One resolution of the down or up path: ResBlocks, their AttnBlocks (None where absent), and a resampler."""
-    res: list = field(default_factory=list)
-    attn: list = field(default_factory=list)
-    resample: Conv | None = None
-
-    def param_specs(self):
-        mods = self.res + [a for a in self.attn if a is not None] + ([self.resample] if self.resample else [])
-        return [s for m in mods for s in m.param_specs()]
+from minidiff.nn.tape import add_grads
 
 
 class UNet(Denoiser):
@@ -148,7 +34,7 @@ class UNet(Denoiser):
     the timestep a ResBlock adds.
     """
 
-    splits_batch = True
+    images_independent = True
 
     def __init__(self, in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
                  attention_levels=(1,), groups=8, num_heads=1, mid_attention=True, dtype="float32", seed=0,
@@ -164,7 +50,7 @@ class UNet(Denoiser):
             raise ValueError(f"attention_levels {attention_levels} must index channel_mults {channel_mults}")
         self.in_channels, self.base_channels, self.num_levels = in_channels, base_channels, len(channel_mults)
         self._build(channel_mults, num_res_blocks, set(attention_levels), groups, num_heads, mid_attention)
-        self._init_params(self._param_specs())
+        self.init_params(self._param_specs())
 
     def _build(self, mults, nrb, attn_levels, groups, heads, mid_attention):
         base, temb_dim = self.base_channels, 4 * self.base_channels
@@ -208,12 +94,8 @@ class UNet(Denoiser):
         specs += [s for lvl in self.up for s in lvl.param_specs()]
         return specs + [s for name, spec in self.out_spec.items() for s in named_specs(name, spec)]
 
-    def forward(self, x, t, cache=True):
-        """x (N, in_channels, H, W) backend array, t host int array (N,) -> prediction (N, in_channels, H, W)."""
-        self._check_input(x, t)
-        return self._forward_in_parts(x, t, cache, self._forward_images)
-
-    def _forward_images(self, x, t, tape):
+    def forward_layers(self, x, t, tape):
+        """x (N, in_channels, H, W), t host int array (N,) -> prediction (N, in_channels, H, W)."""
         xp, p = self.backend.xp, self.params
         temb_act = self._time_forward(t, tape)
         hs = [self.conv_in.forward(p, xp.ascontiguousarray(x.transpose(0, 2, 3, 1)), tape)]   # channels-last
@@ -237,11 +119,8 @@ class UNet(Denoiser):
                 h = lvl.resample.forward(p, h, tape)
         return xp.ascontiguousarray(self._out_forward(h, tape).transpose(0, 3, 1, 2))
 
-    def backward(self, dout):
+    def backward_layers(self, dout, tape):
         """dout (N, in_channels, H, W) = dLoss/dprediction -> {name: dLoss/dparam} for every parameter."""
-        return self._backward_in_parts(dout, self._backward_images)
-
-    def _backward_images(self, dout, tape):
         grads, xp = {}, self.backend.xp
         dtemb = 0.0
         dh = self._out_backward(xp.ascontiguousarray(dout.transpose(0, 2, 3, 1)), grads, tape)   # channels-last
@@ -273,7 +152,7 @@ class UNet(Denoiser):
         self._time_backward(dtemb, grads, tape)
         return grads
 
-    def _check_input(self, x, t):
+    def check_input(self, x, t):
         f = 2 ** (self.num_levels - 1)
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"x must be (N, {self.in_channels}, H, W) with H, W divisible by {f}, got {x.shape}")
@@ -283,7 +162,7 @@ class UNet(Denoiser):
     def _time_forward(self, t, tape):
         """t -> SiLU(temb), (N, 4*base): the input of every ResBlock's temb_proj."""
         p = self.params
-        emb = self.backend.asarray(timestep_embedding(self._timesteps(t), self.base_channels), dtype=self.dtype)
+        emb = self.embed_timesteps(t, self.base_channels)
         h, c0 = linear_forward(emb, p["time_embed.0.weight"], p["time_embed.0.bias"])
         h, c1 = silu_forward(h)
         h, c2 = linear_forward(h, p["time_embed.2.weight"], p["time_embed.2.bias"])

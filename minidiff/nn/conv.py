@@ -101,8 +101,7 @@ def conv2d_nhwc_forward(x, w, b=None, stride=1, padding=0):
 
     for n0, n1 in image_chunks(xp, N, Ho * Wo * kh * kw * C * x.dtype.itemsize):
         cols = x[n0:n1].reshape(-1, C) if pointwise else im2col(x[n0:n1], kh, kw, stride, ph, pw)
-        part = out[n0:n1].reshape(-1, O)
-        matmul(cols, w2t, out=part)
+        matmul(cols, w2t, out=out[n0:n1].reshape(-1, O))
         if b is not None:
             add_channels(out[n0:n1], b)  # while the chunk is still in the cache
     return out, (x, w2t, b is not None, (kh, kw), stride, (ph, pw))

@@ -30,6 +30,7 @@ from minidiff.optim.ema import EMA
 from minidiff.instruments.recorder import Instruments
 from minidiff.optim.lr_schedules import make_lr_schedule
 from minidiff.models import MODELS, build_model
+from minidiff.execution import wrap
 from minidiff.optim import build_optimizer
 from minidiff.execution.threads import cpu_workers
 from minidiff.diffusion.samplers import ddim_sample, ddpm_sample
@@ -95,9 +96,9 @@ class Trainer:
         self.dataset = load_dataset(config.dataset, seed=config.seed, holdout=config.holdout,
                                     **config.dataset_options)
         self.model_name, self.model_config = model_spec(config, self.dataset)
-        self.model = build_model(self.model_name, **self.model_config, dtype=config.dtype, seed=config.seed,
-                                 device=self.backend)
-        if start_workers:   # before the optimizer and the EMA allocate (Denoiser.start_workers)
+        self.model = wrap(build_model(self.model_name, **self.model_config, dtype=config.dtype, seed=config.seed,
+                                      device=self.backend))   # before the optimizer and the EMA take its params
+        if start_workers:   # before the optimizer and the EMA allocate (DataParallel.start_workers)
             self.model.start_workers((config.batch_size, *self.dataset.train.shape[1:]))
         self.schedule = make_schedule(config.schedule, config.timesteps)
         T = config.timesteps
@@ -209,7 +210,7 @@ class Trainer:
         [-1, 1] at every step, as DDPM's sampler does.
         """
         if self._sampling_model is None:
-            self._sampling_model = build_model(self.model_name, **self.model.config, device=self.backend)
+            self._sampling_model = wrap(build_model(self.model_name, **self.model.config, device=self.backend))
         self._sampling_model.load_params(self.ema.params if use_ema else self.model.params)
         model = self._sampling_model
         common = dict(seed=seed, prediction=self.config.prediction, backend=self.backend, dtype=self.model.dtype,
