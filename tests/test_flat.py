@@ -1,15 +1,15 @@
-"""Parameters laid end to end (minidiff.kernels.flat): FlatArrays and its runs, the optimizers that step a run of arrays
-at a time, with the same bits as one array at a time, and a model's gradients laid out like its parameters."""
+"""Parameters laid end to end (minidiff.kernels.flat): FlatArrays and its chunks, the optimizers that step a chunk of
+arrays at a time, with the same bits as one array at a time, and a model's gradients laid out like its parameters."""
 
 import numpy as np
 import pytest
 
 from minidiff.backend import get_backend, to_numpy
-from minidiff.kernels.flat import FlatArrays, gather, runs as flat_runs, total_size
+from minidiff.kernels.flat import FlatArrays, gather, chunks as flat_chunks, total_size
 from minidiff.optim import Adam, build_optimizer
 from test_optim import CONFIGS, _on
 
-RUN_SHAPES = {"a": (7, 3), "b": (4,), "c": (3, 2, 2), "d": (40,), "e": (5,)}   # RUN_SIZE 16: a | b c | d | e
+CHUNK_SHAPES = {"a": (7, 3), "b": (4,), "c": (3, 2, 2), "d": (40,), "e": (5,)}   # CHUNK_SIZE 16: a | b c | d | e
 
 
 def _flat_or_not(be, flat, start):
@@ -25,27 +25,27 @@ def _flat_or_not(be, flat, start):
 
 @pytest.mark.parametrize("device", ["cpu", "strict"])
 @pytest.mark.parametrize("config", CONFIGS, ids=list(CONFIGS))
-def test_parameters_end_to_end_are_stepped_a_run_at_a_time_with_the_same_bits(config, device, monkeypatch):
-    """Arrays laid end to end are updated a run at a time: the same elementwise operations on the same elements,
+def test_parameters_end_to_end_are_stepped_a_chunk_at_a_time_with_the_same_bits(config, device, monkeypatch):
+    """Arrays laid end to end are updated a chunk at a time: the same elementwise operations on the same elements,
     so parameters and state must equal the one-array-at-a-time step bit for bit, through an lr change and a
     diagnostics step (which goes one array at a time)."""
     from minidiff.optim.base import Optimizer
-    monkeypatch.setattr(Optimizer, "RUN_SIZE", 16)
+    monkeypatch.setattr(Optimizer, "CHUNK_SIZE", 16)
     calls, copies = [], []
-    step_runs, effective_grad = Optimizer._step_runs, Optimizer._effective_grad
-    monkeypatch.setattr(Optimizer, "_step_runs", lambda self, *a: (calls.append(1), step_runs(self, *a)))
+    step_chunks, effective_grad = Optimizer._step_chunks, Optimizer._effective_grad
+    monkeypatch.setattr(Optimizer, "_step_chunks", lambda self, *a: (calls.append(1), step_chunks(self, *a)))
     monkeypatch.setattr(Optimizer, "_effective_grad", lambda self, *a: (copies.append(1), effective_grad(self, *a)))
     name, hyper = CONFIGS[config]
     be = get_backend(device)
     rng = np.random.default_rng(6)
-    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in RUN_SHAPES.items()}
-    grads = [{k: rng.standard_normal(s) for k, s in RUN_SHAPES.items()} for _ in range(6)]
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in CHUNK_SHAPES.items()}
+    grads = [{k: rng.standard_normal(s) for k, s in CHUNK_SHAPES.items()} for _ in range(6)]
     results = []
     # parameters as separate arrays; laid end to end with separate gradients; both laid end to end (a model's)
     for flat, flat_grads in ((False, False), (True, False), (True, True)):
         params = _flat_or_not(be, flat, start)
         opt = build_optimizer(name, params, **hyper)
-        assert [len(run.members) for run in opt._runs] == ([1, 2, 1, 1] if flat else [])
+        assert [len(chunk.members) for chunk in opt.chunks] == ([1, 2, 1, 1] if flat else [])
         calls.clear()
         for step, g in enumerate(grads):
             if step == 2:
@@ -53,13 +53,13 @@ def test_parameters_end_to_end_are_stepped_a_run_at_a_time_with_the_same_bits(co
             copies.clear()
             opt.step(_flat_or_not(be, True, _on(be, g, np.float32)) if flat_grads else _on(be, g, np.float32),
                      diagnostics=step == 3)
-            # g_t of a run comes from one slice of gradients laid out like the parameters, else array by array
+            # g_t of a chunk comes from one slice of gradients laid out like the parameters, else array by array
             assert len(copies) == (4 if flat_grads and step != 3 else 5)
         assert len(calls) == (5 if flat else 0)
         results.append(({k: to_numpy(v) for k, v in params.items()}, opt.state_dict()["buffers"]))
     want, want_bufs = results[0]
     for got, got_bufs in results[1:]:
-        for k in RUN_SHAPES:
+        for k in CHUNK_SHAPES:
             assert np.array_equal(got[k], want[k]), k
             for b in want_bufs[k]:
                 assert np.array_equal(got_bufs[k][b], want_bufs[k][b]), (k, b)
@@ -67,34 +67,34 @@ def test_parameters_end_to_end_are_stepped_a_run_at_a_time_with_the_same_bits(co
 
 def test_a_parameter_array_replaced_in_the_dict_is_stepped_where_it_now_is():
     rng = np.random.default_rng(7)
-    params = _flat_or_not(get_backend("cpu"), True, {k: rng.standard_normal(s) for k, s in RUN_SHAPES.items()})
+    params = _flat_or_not(get_backend("cpu"), True, {k: rng.standard_normal(s) for k, s in CHUNK_SHAPES.items()})
     opt = build_optimizer("sgd", params, lr=0.5)
     params["b"] = np.ones(4, dtype=np.float32)   # no longer part of the flat buffer
     before = {k: v.copy() for k, v in params.items()}
-    grads = {k: np.full(s, 2.0, dtype=np.float32) for k, s in RUN_SHAPES.items()}
+    grads = {k: np.full(s, 2.0, dtype=np.float32) for k, s in CHUNK_SHAPES.items()}
     opt.step(grads)
-    for k in RUN_SHAPES:
+    for k in CHUNK_SHAPES:
         np.testing.assert_array_equal(params[k], before[k] - 1.0)
 
 
-def test_runs_cover_every_array_once_in_order_each_just_long_enough():
+def test_chunks_cover_every_array_once_in_order_each_just_long_enough():
     shapes = {f"p{i}": (n,) for i, n in enumerate([5, 30, 1, 1, 12, 3, 3, 3, 3, 40, 2])}
     arrays = FlatArrays(shapes, np.zeros(total_size(shapes)))
-    runs = flat_runs(arrays, 10)
-    assert [names for _, _, names in runs] == [("p0", "p1"), ("p2", "p3", "p4"), ("p5", "p6", "p7", "p8"),
+    chunks = flat_chunks(arrays, 10)
+    assert [names for _, _, names in chunks] == [("p0", "p1"), ("p2", "p3", "p4"), ("p5", "p6", "p7", "p8"),
                                                ("p9",), ("p10",)]
-    assert [(a, b) for a, b, _ in runs] == [(0, 35), (35, 49), (49, 61), (61, 101), (101, 103)]
+    assert [(a, b) for a, b, _ in chunks] == [(0, 35), (35, 49), (49, 61), (61, 101), (101, 103)]
     with pytest.raises(ValueError, match="flat buffer has shape"):
         FlatArrays(shapes, np.zeros(total_size(shapes) + 1))
 
 
 @pytest.mark.parametrize("device", ["cpu", "strict"])
-def test_a_models_parameters_are_laid_end_to_end_and_its_optimizer_uses_runs(device):
+def test_a_models_parameters_are_laid_end_to_end_and_its_optimizer_uses_chunks(device):
     from minidiff.models.unet import UNet
     model = UNet(base_channels=8, device=device)
     assert isinstance(model.params, FlatArrays) and model.params.intact()
     opt = build_optimizer("adam", model.params)
-    assert sum(len(run.members) for run in opt._runs) == len(model.params) > len(opt._runs)
+    assert sum(len(chunk.members) for chunk in opt.chunks) == len(model.params) > len(opt.chunks)
 
 
 def test_a_copy_of_parameters_laid_end_to_end_is_laid_over_its_own_buffer():
@@ -102,12 +102,12 @@ def test_a_copy_of_parameters_laid_end_to_end_is_laid_over_its_own_buffer():
     copy's buffer, so an optimizer on the copy updates the copy, and the original is untouched."""
     import copy
     import pickle
-    start = {k: np.random.default_rng(9).standard_normal(s).astype(np.float32) for k, s in RUN_SHAPES.items()}
+    start = {k: np.random.default_rng(9).standard_normal(s).astype(np.float32) for k, s in CHUNK_SHAPES.items()}
     original = _flat_or_not(get_backend("cpu"), True, start)
     for clone in (copy.deepcopy(original), pickle.loads(pickle.dumps(original))):
         assert isinstance(clone, FlatArrays) and clone.intact()
-        build_optimizer("sgd", clone, lr=1.0).step({k: np.ones(s, dtype=np.float32) for k, s in RUN_SHAPES.items()})
-        for k in RUN_SHAPES:
+        build_optimizer("sgd", clone, lr=1.0).step({k: np.ones(s, dtype=np.float32) for k, s in CHUNK_SHAPES.items()})
+        for k in CHUNK_SHAPES:
             np.testing.assert_array_equal(clone[k], start[k] - 1.0)
             np.testing.assert_array_equal(original[k], start[k])
     original["b"] = np.zeros(4, dtype=np.float32)   # layout broken: a copy is a plain dict
@@ -115,7 +115,7 @@ def test_a_copy_of_parameters_laid_end_to_end_is_laid_over_its_own_buffer():
 
 
 def test_a_subclass_with_its_own_update_rule_is_stepped_array_by_array():
-    """Runs are for rules declared elementwise; a subclass's own _update (a per-tensor trust ratio, say) is not."""
+    """Chunks are for rules declared elementwise; a subclass's own _update (a per-tensor trust ratio, say) is not."""
     class PerTensor(Adam):
         def _update(self, *args):
             super()._update(*args)
@@ -126,10 +126,10 @@ def test_a_subclass_with_its_own_update_rule_is_stepped_array_by_array():
         def _update(self, *args):
             super()._update(*args)
 
-    params = _flat_or_not(get_backend("cpu"), True, {k: np.ones(s) for k, s in RUN_SHAPES.items()})
-    assert build_optimizer("adamw", params)._runs and build_optimizer("nadam", params)._runs
-    assert not PerTensor(params)._runs
-    assert Declared(params)._runs
+    params = _flat_or_not(get_backend("cpu"), True, {k: np.ones(s) for k, s in CHUNK_SHAPES.items()})
+    assert build_optimizer("adamw", params).chunks and build_optimizer("nadam", params).chunks
+    assert not PerTensor(params).chunks
+    assert Declared(params).chunks
 
 
 @pytest.mark.parametrize("model_name", ["unet", "mlp"])
@@ -158,27 +158,27 @@ def test_a_models_gradients_come_laid_out_like_its_parameters_in_a_new_buffer_ea
 
 def test_gradients_laid_out_in_another_order_are_not_taken_for_the_parameters_layout():
     """Same names and shapes in another order put each array elsewhere in `flat`: the optimizer must not apply the
-    slices of such gradients run by run (each parameter would get another's gradient)."""
-    params = _flat_or_not(get_backend("cpu"), True, {k: np.zeros(s) for k, s in RUN_SHAPES.items()})
-    grads = {k: np.full(s, float(i + 1), dtype=np.float32) for i, (k, s) in enumerate(RUN_SHAPES.items())}
-    reordered = {k: RUN_SHAPES[k] for k in reversed(RUN_SHAPES)}
+    slices of such gradients chunk by chunk (each parameter would get another's gradient)."""
+    params = _flat_or_not(get_backend("cpu"), True, {k: np.zeros(s) for k, s in CHUNK_SHAPES.items()})
+    grads = {k: np.full(s, float(i + 1), dtype=np.float32) for i, (k, s) in enumerate(CHUNK_SHAPES.items())}
+    reordered = {k: CHUNK_SHAPES[k] for k in reversed(CHUNK_SHAPES)}
     flipped = FlatArrays(reordered, np.concatenate([grads[k].ravel() for k in reordered]))
     assert not params.same_layout(flipped) and params.same_layout(gather(params, grads, np))
     build_optimizer("sgd", params, lr=1.0).step(flipped)
-    for k in RUN_SHAPES:
+    for k in CHUNK_SHAPES:
         np.testing.assert_array_equal(params[k], -grads[k])
 
 
-def test_gathered_gradients_take_the_layouts_dtype_and_runs_cast_flat_gradients_of_another():
+def test_gathered_gradients_take_the_layouts_dtype_and_chunks_cast_flat_gradients_of_another():
     rng = np.random.default_rng(4)
-    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in RUN_SHAPES.items()}
-    grads = {k: rng.standard_normal(s) for k, s in RUN_SHAPES.items()}   # float64
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in CHUNK_SHAPES.items()}
+    grads = {k: rng.standard_normal(s) for k, s in CHUNK_SHAPES.items()}   # float64
     results = []
     for flat64 in (False, True):
         params = _flat_or_not(get_backend("cpu"), True, start)
         gathered = gather(params, grads, np)
         assert gathered.flat.dtype == np.float32
-        wide = FlatArrays(RUN_SHAPES, np.concatenate([grads[k].ravel() for k in RUN_SHAPES]))
+        wide = FlatArrays(CHUNK_SHAPES, np.concatenate([grads[k].ravel() for k in CHUNK_SHAPES]))
         build_optimizer("adam", params).step(wide if flat64 else grads)
         results.append(params.flat.copy())
     np.testing.assert_array_equal(results[1], results[0])

@@ -99,8 +99,8 @@ OPTIMIZERS = [
 
 
 def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None, flat=False, flat_grads=False):
-    """flat: the parameters laid end to end, as a model's are (minidiff.kernels.flat): the generic step then goes by runs;
-    flat_grads: the gradients too, as a model's backward returns them (the fused step then launches once per run)."""
+    """flat: the parameters laid end to end, as a model's are (minidiff.kernels.flat): the generic step then goes by chunks;
+    flat_grads: the gradients too, as a model's backward returns them (the fused step then launches once per chunk)."""
     rng = np.random.default_rng(1)
     shapes = {"w": (16, 8, 3, 3), "b": (16,), "s": ()}
     host = {k: rng.standard_normal(s) for k, s in shapes.items()}
@@ -111,7 +111,7 @@ def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None, flat=F
     else:
         params = {k: backend.asarray(v, dtype=dtype) for k, v in host.items()}
     opt = build_optimizer(name, params, **hyper)
-    assert bool(opt._runs) == flat
+    assert bool(opt.chunks) == flat
     for step in range(steps):
         if step == 3:
             opt.lr = opt.lr * 0.7   # a schedule changes the rate mid-run
@@ -140,7 +140,7 @@ def test_optimizer_steps_on_the_gpu_match_numpy_fused_or_not(name, hyper, dtype,
             gpu_params, gpu_bufs = _run_optimizer(GPU, name, hyper, dtype, flat=flat, flat_grads=flat_grads)
             has_kernel = name in ("sgd", "nesterov", "adamw") or (name == "adam" and not hyper.get("amsgrad"))
             assert bool(calls) == (enabled and has_kernel)
-            # 4 fused steps (2 ask for diagnostics): one launch each over the run, else one per array (3)
+            # 4 fused steps (2 ask for diagnostics): one launch each over the chunk, else one per array (3)
             assert len(launches) == (4 * (1 if flat_grads else 3) if calls else 0)
             case = (enabled, flat, flat_grads)
             for k, p in cpu_params.items():

@@ -1,9 +1,9 @@
-"""One-launch optimizer updates for CuPy: each parameter's (or run of parameters') whole step as a single kernel.
+"""One-launch optimizer updates for CuPy: each parameter's (or chunk of parameters') whole step as a single kernel.
 
 Why: on a GPU every `out=` operation of the generic step (`Optimizer.step` -> `_update`) is its own kernel launch,
 about ten per parameter for Adam, and with ~100 parameter arrays of a few thousand elements each it is the launches,
 not the arithmetic, that set the step's time. Parameters laid end to end with gradients laid out alike (a model's
-own, minidiff.kernels.flat) take one launch per run of up to Optimizer.RUN_SIZE_GPU elements: one for the digits model.
+own, minidiff.kernels.flat) take one launch per chunk of up to Optimizer.CHUNK_SIZE_GPU elements: one for the digits model.
 These kernels compute the same equations as the classes' `_update` (see their docstrings), term by term in the same
 order, and write θ_t, the state buffers in place.
 
@@ -73,13 +73,13 @@ def _kernel(xp, name: str):
 
 
 def _launch_all(opt, grads, name, scalars, buffer_names) -> None:
-    """kernel(grad, *scalars(dtype type), theta, *buffers) for every run of parameters laid end to end whose
-    gradients are laid out alike (Optimizer.run_grads: one launch for a small model), else for every parameter. The
+    """kernel(grad, *scalars(dtype type), theta, *buffers) for every chunk of parameters laid end to end whose
+    gradients are laid out alike (Optimizer.chunk_grads: one launch for a small model), else for every parameter. The
     step's scalars are made once per dtype, in that dtype, as NumPy rounds a Python float against an array of it."""
     kernel, made = _kernel(opt._xp, name), {}
-    by_run = opt.run_grads(grads) if opt.runs_apply() else None
-    if by_run is not None:
-        work = [(run.theta, grad, run.state) for run, grad in zip(opt._runs, by_run)]
+    by_chunk = opt.chunk_grads(grads) if opt.chunks_apply() else None
+    if by_chunk is not None:
+        work = [(chunk.theta, grad, chunk.state) for chunk, grad in zip(opt.chunks, by_chunk)]
     else:
         work = [(theta, grads[pname], opt.state[pname]) for pname, theta in opt.params.items()]
     for theta, grad, state in work:
@@ -97,7 +97,7 @@ def _grad_scalars(opt, t) -> tuple:
 
 
 def adam(opt, grads: dict, coef: dict) -> None:
-    """θ, m, v <- one Adam/AdamW step (`Adam._update` plus θ += u) of every parameter, a launch per run or array."""
+    """θ, m, v <- one Adam/AdamW step (`Adam._update` plus θ += u) of every parameter, a launch per chunk or array."""
     decoupled = 0.0 if opt.coupled_weight_decay else -opt.lr * opt.weight_decay
     _launch_all(opt, grads, "adam", lambda t: (*_grad_scalars(opt, t), t(1.0 - opt.beta1), t(opt.beta2),
                                                t(1.0 - opt.beta2), t(coef["sqrt_c2"]), t(opt.eps),
@@ -106,7 +106,7 @@ def adam(opt, grads: dict, coef: dict) -> None:
 
 
 def sgd(opt, grads: dict, coef: dict) -> None:
-    """θ (and the momentum buffer) <- one SGD step (`SGD._update` plus θ += u) of every parameter, a launch per run
+    """θ (and the momentum buffer) <- one SGD step (`SGD._update` plus θ += u) of every parameter, a launch per chunk
     or array."""
     if opt.momentum == 0.0:
         _launch_all(opt, grads, "sgd", lambda t: (*_grad_scalars(opt, t), t(-opt.lr)), ())

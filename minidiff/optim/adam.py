@@ -35,7 +35,7 @@ class Adam(Optimizer):
     whole averaged direction at once, like PyTorch's SGD form and unlike v = μv − γg.
     """
 
-    elementwise_update = True   # runs of parameters (Optimizer._lay_out_runs)
+    elementwise_update = True   # chunks of parameters (Optimizer._lay_out_chunks)
     name = "adam"
     hyper_names = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "bias_correction")
 

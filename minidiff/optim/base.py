@@ -8,9 +8,9 @@ An optimizer step has the same skeleton for SGD, Adam and NAdam:
 
 Subclasses write U (`_update`, elementwise); this class does the rest. Nothing allocates during a step: the state
 buffers are made once, at construction, and three scratch arrays (views into one flat buffer per dtype, sized for
-the largest parameter or run) hold g_t, the update u_t and one temporary, so the step is a fixed sequence of `out=`
-operations that runs unchanged on NumPy, CuPy and the strict backend. U runs on one parameter at a time, or on a run
-of parameters laid end to end (`_lay_out_runs`). Per-step coefficients (bias corrections, step sizes) are
+the largest parameter or chunk) hold g_t, the update u_t and one temporary, so the step is a fixed sequence of `out=`
+operations that runs unchanged on NumPy, CuPy and the strict backend. U runs on one parameter at a time, or on a chunk
+of parameters laid end to end (`_lay_out_chunks`). Per-step coefficients (bias corrections, step sizes) are
 Python floats computed on the host from the step count, so a step never waits for the device.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minidiff.backend import backend_of, get_array_module, is_cupy_module, to_numpy
-from minidiff.kernels.flat import FlatArrays, runs as flat_runs
+from minidiff.kernels.flat import FlatArrays, chunks as flat_chunks
 from minidiff.kernels import optim_cuda as fused
 from minidiff.kernels.workspace import scratch_views
 
@@ -91,10 +91,10 @@ class Diagnostics:
 
 
 @dataclass
-class _Run:
+class _Chunk:
     """Consecutive parameters of a FlatArrays updated as one array: theta, its slice of the flat buffer; span, that
     slice's (start, stop) (where its gradient is in gradients laid out alike); members, (name, where that array's g_t
-    goes in the run's scratch g) for gradients that are not; state, buffer name -> the run's slice of it."""
+    goes in the chunk's scratch g) for gradients that are not; state, buffer name -> the chunk's slice of it."""
     key: tuple
     theta: object
     span: tuple
@@ -119,9 +119,9 @@ class Optimizer:
         self.lr = lr
         self.step_count = 0
         self._xp = get_array_module(*params.values())
-        self._runs = []   # set by _lay_out_runs where the parameters are laid end to end (see there)
+        self.chunks = []   # set by _lay_out_chunks where the parameters are laid end to end (see there)
         if isinstance(params, FlatArrays) and params.intact() and self._update_is_elementwise():
-            self._lay_out_runs(params)
+            self._lay_out_chunks(params)
         else:
             self.state = {name: {b: self._xp.zeros_like(p) for b in self.buffer_names()} for name, p in params.items()}
             self._scratch = scratch_views(params, 3)
@@ -162,10 +162,10 @@ class Optimizer:
         self.step_count += 1
         coef = self._coefficients()
         if not diagnostics and self._fused_update is not None and fused.available(self._xp):
-            self._fused_update(self, grads, coef)   # one kernel launch per run or parameter (minidiff.kernels.optim_cuda)
+            self._fused_update(self, grads, coef)   # one launch per chunk or parameter (minidiff.kernels.optim_cuda)
             return None
-        if not diagnostics and self.runs_apply():
-            self._step_runs(grads, coef)
+        if not diagnostics and self.chunks_apply():
+            self._step_chunks(grads, coef)
             return None
         diag = Diagnostics(self._xp, per_param) if diagnostics else None
         for name, theta in self.params.items():
@@ -182,25 +182,25 @@ class Optimizer:
             return diag.result()
         return None
 
-    # Parameters laid end to end (minidiff.kernels.flat.FlatArrays, as a Denoiser makes them) are updated a run of whole
-    # arrays at a time: the same operations on the same elements, so the same bits as one array at a time, in a
-    # tenth of the calls. Runs of RUN_SIZE elements keep the step's working set (θ, g, u, tmp and the state, a
-    # run each) in the L2 cache. Diagnostics steps go one array at a time (their sums and per-parameter norms are
-    # per array). Nothing else changes: `state` still holds an array per parameter (views of the runs' state).
-    # On a GPU a run is a launch, not a cache's worth: RUN_SIZE_GPU elements (all of a small model's parameters).
-    RUN_SIZE = 1 << 15
-    RUN_SIZE_GPU = 1 << 22
+    # Parameters laid end to end (minidiff.kernels.flat.FlatArrays, as a Denoiser makes them) are updated a chunk of
+    # whole arrays at a time: the same operations on the same elements, so the same bits as one array at a time, in a
+    # tenth of the calls. Chunks of CHUNK_SIZE elements keep the step's working set (θ, g, u, tmp and the state, a
+    # chunk each) in the L2 cache. Diagnostics steps go one array at a time (their sums and per-parameter norms are
+    # per array). Nothing else changes: `state` still holds an array per parameter (views of the chunks' state).
+    # On a GPU a chunk is a launch, not a cache's worth: CHUNK_SIZE_GPU elements (all of a small model's parameters).
+    CHUNK_SIZE = 1 << 15
+    CHUNK_SIZE_GPU = 1 << 22
     elementwise_update = False   # set True by a class whose _update is elementwise (Adam, SGD, NAdam)
 
-    def runs_apply(self) -> bool:
-        """Whether this step can go run by run: the parameters were laid out in runs and still are."""
-        return bool(self._runs) and self.params.intact()
+    def chunks_apply(self) -> bool:
+        """Whether this step can go chunk by chunk: the parameters were laid out in chunks and still are."""
+        return bool(self.chunks) and self.params.intact()
 
-    def run_grads(self, grads) -> list | None:
-        """Each run's gradient, a slice of grads.flat, where the gradients are laid out like the parameters (a
-        model's backward); else None (the gradients go into a run array by array)."""
+    def chunk_grads(self, grads) -> list | None:
+        """Each chunk's gradient, a slice of grads.flat, where the gradients are laid out like the parameters (a
+        model's backward); else None (the gradients go into a chunk array by array)."""
         if self.params.same_layout(grads):
-            return [grads.flat[run.span[0]:run.span[1]] for run in self._runs]
+            return [grads.flat[chunk.span[0]:chunk.span[1]] for chunk in self.chunks]
         return None
 
     def _update_is_elementwise(self) -> bool:
@@ -209,32 +209,32 @@ class Optimizer:
         owner = next(c for c in type(self).__mro__ if "_update" in c.__dict__)
         return owner.__dict__.get("elementwise_update", False)
 
-    def _lay_out_runs(self, params: FlatArrays) -> None:
-        """State buffers laid out like the parameters (a run's state is then one slice too), the runs, and scratch
-        for a run or one array (diagnostics steps) at a time."""
+    def _lay_out_chunks(self, params: FlatArrays) -> None:
+        """State buffers laid out like the parameters (a chunk's state is then one slice too), the chunks, and
+        scratch for a chunk or one array (diagnostics steps) at a time."""
         flat = {b: params.like(self._xp.zeros_like(params.flat)) for b in self.buffer_names()}
         self.state = {name: {b: flat[b][name] for b in flat} for name in params}
-        spans = flat_runs(params, self.RUN_SIZE_GPU if is_cupy_module(self._xp) else self.RUN_SIZE)
-        thetas = {("run", k): params.flat[start:stop] for k, (start, stop, _) in enumerate(spans)}
+        spans = flat_chunks(params, self.CHUNK_SIZE_GPU if is_cupy_module(self._xp) else self.CHUNK_SIZE)
+        thetas = {("chunk", k): params.flat[start:stop] for k, (start, stop, _) in enumerate(spans)}
         self._scratch = scratch_views({**params, **thetas}, 3)
-        self._runs = []
+        self.chunks = []
         for (key, theta), (start, stop, names) in zip(thetas.items(), spans):
             g, members = self._scratch[key][0], []
-            for name in names:   # where each array's g_t goes in the run's g
+            for name in names:   # where each array's g_t goes in the chunk's g
                 a, b = params.spans[name]
                 members.append((name, g[a - start:b - start].reshape(params[name].shape)))
-            self._runs.append(_Run(key, theta, (start, stop), members, {b: flat[b].flat[start:stop] for b in flat}))
+            self.chunks.append(_Chunk(key, theta, (start, stop), members, {b: flat[b].flat[start:stop] for b in flat}))
 
-    def _step_runs(self, grads, coef) -> None:
-        for run, grad in zip(self._runs, self.run_grads(grads) or [None] * len(self._runs)):
-            g, tmp, u = self._scratch[run.key]
+    def _step_chunks(self, grads, coef) -> None:
+        for chunk, grad in zip(self.chunks, self.chunk_grads(grads) or [None] * len(self.chunks)):
+            g, tmp, u = self._scratch[chunk.key]
             if grad is not None:
-                self._effective_grad(run.theta, grad, g)
+                self._effective_grad(chunk.theta, grad, g)
             else:
-                for name, g_part in run.members:   # g_t of each array, into its place in the run
+                for name, g_part in chunk.members:   # g_t of each array, into its place in the chunk
                     self._effective_grad(self.params[name], grads[name], g_part)
-            self._update(run.state, run.theta, g, tmp, u, coef, None)
-            run.theta += u
+            self._update(chunk.state, chunk.theta, g, tmp, u, coef, None)
+            chunk.theta += u
 
     def _check_grads(self, grads: dict) -> None:
         """KeyError for a missing gradient, ValueError for a wrong shape, TypeError for another array module."""
@@ -268,14 +268,14 @@ class Optimizer:
     @property
     def _fused_update(self):
         """The fused CuPy step for this configuration (minidiff.kernels.optim_cuda.adam or .sgd, called as
-        f(optimizer, grads, coef): one launch per run, or per parameter where the gradients are not laid out like the
+        f(optimizer, grads, coef): one launch per chunk, or per parameter where the gradients are not laid out like the
         parameters), or None."""
         return None
 
     def _update(self, st, theta, g, tmp, u, coef, diag) -> None:
         """Write u_t into `u` and advance the state `st` (buffer name -> array like theta) of `theta`, one parameter
-        or a run of them (only where the class sets elementwise_update: a run must get the same bits). `g` and `tmp`
-        may be overwritten. State arrays are written in place, never replaced: a run's state is a view of them."""
+        or a chunk of them (only where the class sets elementwise_update: a chunk must get the same bits). `g` and `tmp`
+        may be overwritten. State arrays are written in place, never replaced: a chunk's state is a view of them."""
         raise NotImplementedError
 
     def _diag_host(self, diag: Diagnostics, coef: dict) -> None:

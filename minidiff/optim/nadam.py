@@ -29,7 +29,7 @@ class NAdam(Optimizer):
     the early steps, when m is an average over too few gradients to be trusted.
     """
 
-    elementwise_update = True   # runs of parameters (Optimizer._lay_out_runs)
+    elementwise_update = True   # chunks of parameters (Optimizer._lay_out_chunks)
     name = "nadam"
     hyper_names = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay",
                    "maximize")

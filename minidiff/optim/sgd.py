@@ -49,7 +49,7 @@ class SGD(Optimizer):
        point φ, not θ; the identification v = −γ b again holds only while γ is constant.
     """
 
-    elementwise_update = True   # runs of parameters (Optimizer._lay_out_runs)
+    elementwise_update = True   # chunks of parameters (Optimizer._lay_out_chunks)
     name = "sgd"
     hyper_names = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
 
