@@ -21,7 +21,7 @@ PREDICTIONS = ("epsilon", "x0", "v")
 WEIGHTINGS = ("uniform", "min_snr")
 
 
-def _check_choice(option, value, choices):
+def check_choice(option, value, choices):
     """ValueError naming the option unless value is one of choices."""
     if value not in choices:
         raise ValueError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
@@ -76,7 +76,7 @@ def x0_eps_from_v(schedule, x_t, t, v):
 
 def model_output_to_x0_eps(schedule, x_t, t, output, prediction):
     """A model's output for the given target -> (x0, eps) predictions, both (N, ...)."""
-    _check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("prediction", prediction, PREDICTIONS)
     if prediction == "epsilon":
         return predict_x0_from_eps(schedule, x_t, t, output), output
     if prediction == "x0":
@@ -86,7 +86,7 @@ def model_output_to_x0_eps(schedule, x_t, t, output, prediction):
 
 def prediction_target(schedule, x0, t, noise, prediction):
     """The regression target the model is trained on: eps (noise), x0, or v (Salimans & Ho 2022)."""
-    _check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("prediction", prediction, PREDICTIONS)
     if prediction == "epsilon":
         return noise
     if prediction == "x0":
@@ -102,8 +102,8 @@ def loss_weights(schedule, t, prediction="epsilon", weighting="uniform", min_snr
     so eps: min(SNR, gamma)/SNR = gamma / max(SNR, gamma) (written so SNR = 0 gives 1, not 0/0);
     x0: min(SNR, gamma); v: min(SNR, gamma)/(SNR + 1).
     """
-    _check_choice("prediction", prediction, PREDICTIONS)
-    _check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("weighting", weighting, WEIGHTINGS)
     t = np.asarray(t)
     if weighting == "uniform":
         return np.ones(t.shape, dtype=np.float64)
@@ -230,8 +230,8 @@ def training_loss(model_fn, x0, schedule, rng, prediction="epsilon", weighting="
     dL/dout_ij = 2 w_i (out_ij - target_ij) / (N D).
     x0: backend (N, ...); model_fn(x_t, t) -> (N, ...).
     """
-    _check_choice("prediction", prediction, PREDICTIONS)
-    _check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("weighting", weighting, WEIGHTINGS)
     be, xp = backend_of(x0), get_array_module(x0)
     n = x0.shape[0]
     if t is None:

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from minidiff.backend import Backend, get_backend, resolve_dtype
-from minidiff.diffusion.losses import PREDICTIONS, _check_choice, model_output_to_x0_eps, predict_eps_from_x0, \
+from minidiff.diffusion.losses import PREDICTIONS, check_choice, model_output_to_x0_eps, predict_eps_from_x0, \
     q_posterior_mean_variance
 
 VARIANCES = ("posterior", "beta")
@@ -22,7 +22,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 def _setup(schedule, shape, seed, prediction, clip_x0, backend, dtype):
     """Validate the common options -> (backend, dtype, host rng, x_T on the backend)."""
-    _check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("prediction", prediction, PREDICTIONS)
     if clip_x0 is not None and not clip_x0 > 0:
         raise ValueError(f"clip_x0 must be None or > 0, got {clip_x0}")
     shape = tuple(int(s) for s in shape)
@@ -65,7 +65,7 @@ def ddpm_sample(model_fn, schedule, shape, seed=0, prediction="epsilon", varianc
     total) is called after each step (0-based). backend: a Backend, a device name, or None ($MINIDIFF_DEVICE / cpu).
     -> x0 samples, a backend array of `shape`, or (samples, [x0 prediction of each step]) with return_x0_preds.
     """
-    _check_choice("variance", variance, VARIANCES)
+    check_choice("variance", variance, VARIANCES)
     be, _, rng, x = _setup(schedule, shape, seed, prediction, clip_x0, backend, dtype)
     total = schedule.num_train_timesteps
     x0_preds = []
@@ -84,7 +84,7 @@ def ddim_timesteps(num_train_timesteps, num_steps, spacing="leading"):
     trailing  round(T - k T/S) - 1 for k = 0 .. S-1;
     linspace  round(linspace(T-1, 0, S)).
     num_steps = T gives T-1, ..., 0 for all three."""
-    _check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+    check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
     T, S = int(num_train_timesteps), int(num_steps)
     if not 1 <= S <= T:
         raise ValueError(f"num_steps must lie in [1, num_train_timesteps={T}], got {num_steps}")
