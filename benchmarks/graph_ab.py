@@ -1,6 +1,6 @@
-"""CUDA graphs on against off (minidiff.execution.graphs) for the default `minidiff train` step on a GPU: both trainers in
-one process, stepped alternately on the same data, timed per step (device synchronised); then whether they hold the
-same parameters bit for bit.
+"""CUDA graphs on against off (minidiff.execution.graphs) for the default `minidiff train` step on a GPU: both
+trainers in one process, stepped alternately on the same data, timed per step (device synchronised); then whether
+they hold the same parameters bit for bit.
 
     python benchmarks/graph_ab.py [--steps 40] [--device gpu]
 """

@@ -1,7 +1,7 @@
-"""The cuBLAS call plan of minidiff.kernels.cublas, checked on the CPU: the arguments it computes are run through a NumPy
-model of column-major gemm (cublas<t>gemm / gemmStridedBatched reading raw strided memory) and must give a @ b. The
-call itself needs a GPU (tests/test_gpu_graphs.py); the layout reasoning, which is where a product goes wrong, does
-not."""
+"""The cuBLAS call plan of minidiff.kernels.cublas, checked on the CPU: the arguments it computes are run through a
+NumPy model of column-major gemm (cublas<t>gemm / gemmStridedBatched reading raw strided memory) and must give a @ b.
+The call itself needs a GPU (tests/test_gpu_graphs.py); the layout reasoning, which is where a product goes wrong,
+does not."""
 
 import numpy as np
 import pytest
@@ -59,7 +59,7 @@ def layout_cases(rng, put=lambda a: a):
     yield "attention p v, one head", r(2, 1, 16, 16), heads(2, 1)
     yield "attention q k^T, two heads", heads(0, 2), heads(1, 2).transpose(0, 1, 3, 2)
     yield "attention ds^T q, two heads", r(2, 2, 16, 16).transpose(0, 1, 3, 2), heads(0, 2)
-    yield "channel sums: a ones row against images", r(1, 12), r(3, 12, 4)          # norm.channel_sums
+    yield "channel sums: a ones row against images", r(1, 12), r(3, 12, 4)          # channels.channel_sums
     yield "channel sums: channels-last view", r(1, 12), r(3, 4, 12).transpose(0, 2, 1)
     yield "channel sums: one long image", r(1, 40), r(1, 40, 5)                      # a conv's bias gradient
     yield "negative stride", r(5, 4)[::-1], r(4, 3)

@@ -134,8 +134,8 @@ def test_a_subclass_with_its_own_update_rule_is_stepped_array_by_array():
 
 @pytest.mark.parametrize("model_name", ["unet", "mlp"])
 def test_a_models_gradients_come_laid_out_like_its_parameters_in_a_new_buffer_each_backward(model_name):
-    """backward returns the gradients end to end (minidiff.kernels.flat.gather), in a buffer of their own: a later backward
-    must not overwrite gradients the caller still holds, and they must not be the parameters' buffer."""
+    """backward returns the gradients end to end (minidiff.kernels.flat.gather), in a buffer of their own: a later
+    backward must not overwrite gradients the caller still holds, and they must not be the parameters' buffer."""
     from minidiff.models import build_model
     kwargs = {"unet": dict(base_channels=8), "mlp": dict(data_dim=2)}[model_name]
     model = build_model(model_name, **kwargs)

@@ -99,8 +99,9 @@ OPTIMIZERS = [
 
 
 def _run_optimizer(backend, name, hyper, dtype, steps=6, grad_dtype=None, flat=False, flat_grads=False):
-    """flat: the parameters laid end to end, as a model's are (minidiff.kernels.flat): the generic step then goes by chunks;
-    flat_grads: the gradients too, as a model's backward returns them (the fused step then launches once per chunk)."""
+    """flat: the parameters laid end to end, as a model's are (minidiff.kernels.flat): the generic step then goes by
+    chunks; flat_grads: the gradients too, as a model's backward returns them (the fused step then launches once per
+    chunk)."""
     rng = np.random.default_rng(1)
     shapes = {"w": (16, 8, 3, 3), "b": (16,), "s": ()}
     host = {k: rng.standard_normal(s) for k, s in shapes.items()}

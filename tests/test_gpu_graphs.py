@@ -1,7 +1,8 @@
-"""CUDA graphs (minidiff.execution.graphs) and the cuBLAS products they capture (minidiff.kernels.cublas), on CuPy; these run
-only where CuPy finds a usable GPU. The products are checked against cupy.matmul (to float32 rounding: cuBLAS picks
-its own algorithms); everything a graph replays is checked bit for bit against the same code run eagerly, since both
-make the same launches. The bookkeeping of which call captures or replays is tests/test_graphs_logic.py's, on the CPU.
+"""CUDA graphs (minidiff.execution.graphs) and the cuBLAS products they capture (minidiff.kernels.cublas), on CuPy;
+these run only where CuPy finds a usable GPU. The products are checked against cupy.matmul (to float32 rounding:
+cuBLAS picks its own algorithms); everything a graph replays is checked bit for bit against the same code run eagerly,
+since both make the same launches. The bookkeeping of which call captures or replays is tests/test_graphs_logic.py's,
+on the CPU.
 """
 
 import numpy as np
@@ -47,7 +48,7 @@ def test_direct_cublas_products_replay_in_a_cuda_graph_that_cupy_matmul_cannot_e
     with stream:
         stream.begin_capture()
         try:
-            with pytest.raises(NotImplementedError):   # why cublas_gpu exists (cupy/cupy#6290)
+            with pytest.raises(NotImplementedError):   # why cublas_gpu exists
                 cupy.matmul(a, b.T)
         finally:
             stream.end_capture()

@@ -1,5 +1,5 @@
-"""The bookkeeping of minidiff.execution.graphs, on the CPU: which call runs eagerly, which is captured, which replays, and
-which tape a backward uses, through sequences of calls a real GPU run would take minutes of lent time to walk.
+"""The bookkeeping of minidiff.execution.graphs, on the CPU: which call runs eagerly, which is captured, which replays,
+and which tape a backward uses, through sequences of calls a real GPU would take long to walk.
 
 A stand-in for CuPy (NumPy arrays; a capture records the "kernels" the model launches instead of running them, and a
 graph's launch runs the recorded kernels again, reading the static buffers and the weight as they are then, as a

@@ -46,10 +46,14 @@ def test_mlp_rejects_wrong_shapes():
 SMALL = {"unet": (dict(base_channels=8, groups=4), (3, 1, 8, 8)), "mlp": (dict(hidden=8, num_blocks=1), (5, 2))}
 
 
-def _inputs(backend, shape, seed=0):
-    rng = np.random.default_rng(seed)
-    return (backend.asarray(rng.standard_normal(shape), dtype=np.float32), rng.integers(0, 1000, shape[0]),
-            backend.asarray(rng.standard_normal(shape), dtype=np.float32))
+def _trained_once(backend, name):
+    """A small model of `name` with nonzero weights, its inputs (x, t, dout), and its output and gradients for them."""
+    kwargs, shape = SMALL[name]
+    model = perturbed(build_model(name, **kwargs, device=backend))
+    rng = np.random.default_rng(0)
+    x, dout = (backend.asarray(rng.standard_normal(shape), dtype=np.float32) for _ in range(2))
+    t = rng.integers(0, 1000, shape[0])
+    return model, (x, t, dout), model.forward(x, t), model.backward(dout)
 
 
 def _same(a, b):
@@ -59,10 +63,7 @@ def _same(a, b):
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_the_passes_on_a_tape_of_the_callers_are_the_forward_and_backward_and_keep_nothing(cpu_backend, name):
-    kwargs, shape = SMALL[name]
-    model = perturbed(build_model(name, **kwargs, device=cpu_backend))
-    x, t, dout = _inputs(cpu_backend, shape)
-    out, grads = model.forward(x, t), model.backward(dout)
+    model, (x, t, dout), out, grads = _trained_once(cpu_backend, name)
     tape = Tape()
     assert _same(model.forward_pass(x, t, tape), out) and len(tape) > 0
     with pytest.raises(RuntimeError, match="backward needs a forward"):   # the model kept no tape of its own
@@ -86,10 +87,7 @@ def test_moved_parameters_keep_their_values_and_layout_and_the_model_uses_them()
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_wrap_splits_only_independent_images_and_keeps_the_model_interface_and_its_bits(cpu_backend, name):
-    kwargs, shape = SMALL[name]
-    model = perturbed(build_model(name, **kwargs, device=cpu_backend))
-    x, t, dout = _inputs(cpu_backend, shape)
-    out, grads = model.forward(x, t), model.backward(dout)
+    model, (x, t, dout), out, grads = _trained_once(cpu_backend, name)
     runner = wrap(model)
     assert isinstance(runner, ModelWrapper) and isinstance(runner, DataParallel) == (name == "unet")
     assert runner.params is model.params and runner.config == model.config and runner.dtype == model.dtype

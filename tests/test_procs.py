@@ -204,7 +204,7 @@ def test_workers_started_before_the_optimizer_do_not_keep_copies_of_its_state(tw
     """Forked after Adam allocates, a worker keeps the original of each state page the parent then writes
     (copy-on-write): 2 x the parameters. start_workers forks first, so the state is the parent's alone. Nor does a
     worker keep copies of the heap blocks the parent had freed before the fork and reuses after it: it hands them
-    back first (without that, the freed 120 MB below add ~20 MiB to the early worker and the test fails)."""
+    back first (without that, the blocks freed below add to the early worker's memory and the test fails)."""
     from minidiff.kernels.workspace import retain_freed_memory
     monkeypatch.setattr(procs, "USE_PROCESSES", True)
     retain_freed_memory()

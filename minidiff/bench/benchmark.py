@@ -5,9 +5,10 @@ Timing: after `warmup` units each, ours and PyTorch's alternate for `repeats` ro
 so machine noise hits both; each timed unit follows `settle` seconds of untimed units of its own side, as one
 training step follows another; the device is synchronised before each clock read. Reported: medians (and the
 median of per-round ratios).
-Throughput: FLOPs of a unit counted from the layer shapes (`minidiff.bench.flops`), achieved GFLOP/s, and `peak_fraction`
-= achieved / the matrix-multiply peak measured in the same run (best of 5 square float matmuls, 2048^3 on the CPU,
-8192^3 on a GPU, before each configuration; the best reading of the run counts, as load only lowers it).
+Throughput: FLOPs of a unit counted from the layer shapes (`minidiff.bench.flops`), achieved GFLOP/s, and
+`peak_fraction` = achieved / the matrix-multiply peak measured in the same run (best of 5 square float matmuls,
+2048^3 on the CPU, 8192^3 on a GPU, before each configuration; the best reading of the run counts, as load only
+lowers it).
 Threads: PyTorch gets as many threads as NumPy's BLAS uses (threadpoolctl), or `threads` for both.
 Memory: `minidiff.bench.memory.measure_memory` (a fresh process per side). `run_benchmarks` returns one dict per
 configuration; `format_table` prints them.
@@ -158,7 +159,7 @@ def run_benchmarks(configs=None, repeats=5, warmup=1, threads=None, with_torch=T
         with contextlib.suppress(ImportError):
             import torch
     settle = (0.0 if backend.name == "cupy" else 0.15) if settle is None else settle
-    if backend.name == "cupy":   # the first unit warms up, the second captures the CUDA graphs (minidiff.execution.graphs)
+    if backend.name == "cupy":   # the first unit warms up, the second captures the CUDA graphs (execution.graphs)
         warmup = max(warmup, 2)
     s = _Session(backend, dtype, torch, warmup, repeats, settle, memory)
     with limit_threads(threads):

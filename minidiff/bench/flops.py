@@ -80,7 +80,8 @@ class FlopCount:
 
 
 def _conv(count, conv, n, h, w, input_grad=True):
-    """Count a minidiff.models.unet.Conv (or Upsample, already at its output resolution) on an (h, w) input -> (ho, wo)."""
+    """Count a minidiff.models.blocks.Conv (or Upsample, already at its output resolution) on an (h, w) input ->
+    (ho, wo)."""
     cout, cin, k, _ = conv.spec["weight"][0]
     ho, wo = (h + 2 * conv.padding - k) // conv.stride + 1, (w + 2 * conv.padding - k) // conv.stride + 1
     count.add(conv.name, "conv", conv2d_flops(n, cin, cout, k, ho, wo), input_grad)

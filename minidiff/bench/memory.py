@@ -65,7 +65,7 @@ def _memory_mark(backend, impl):
 
 def _warm_up(cfg, model, twin):
     """One forward (+ backward for training) at batch 1 and an Adam step on a 1-element stand-in parameter: pages
-    in the library code (importing torch.optim alone adds ~70 MB) and starts the thread pools before the baseline,
+    in the library code (importing torch.optim alone adds tens of MB) and starts the thread pools before the baseline,
     so what is measured is the step's memory, not first-call set-up."""
     x, t, _ = host_batch(replace(cfg, batch=1))
     if twin is None:

@@ -47,7 +47,7 @@ class BenchConfig:
 
 CONFIGS = {
     "digits": BenchConfig("digits", 128, 8),
-    "digits32": BenchConfig("digits32", 128, 8, {"base_channels": 32}),   # the default model until 2026-11-25
+    "digits32": BenchConfig("digits32", 128, 8, {"base_channels": 32}),   # the digits model at twice the width
     "16x16": BenchConfig("16x16", 64, 16, {"base_channels": 32, "channel_mults": [1, 2, 2]}),
     "32x32": BenchConfig("32x32", 64, 32, {"base_channels": 32, "channel_mults": [1, 2, 2, 2],
                                            "attention_levels": [2]}),

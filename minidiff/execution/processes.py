@@ -1,10 +1,10 @@
 """Chunks of a batch on the cores in worker processes: a model's forward and backward over chunks, without the GIL.
 
 Why processes: the chunks of a batch are independent (minidiff.execution.threads), but threads share the GIL, and
-every NumPy call that releases it can hand it to the other thread. A handoff can cost tens of microseconds (a waiting
-thread sleeps and its core idles), more than the 1-3 us NumPy calls of a small model's step, so threads can run
-slower than one thread alone (BENCHMARKS.md). So on a multi-core CPU with the plain NumPy backend, chunk 0 runs in
-the calling process and chunks 1..W-1 in W-1 forked worker processes, one per chunk, each with one BLAS thread.
+every NumPy call that releases it can hand it to the other thread. A handoff (a waiting thread sleeps and its core
+idles) can cost more than the short NumPy calls of a small model's step, so threads can run slower than one thread
+alone (BENCHMARKS.md). So on a multi-core CPU with the plain NumPy backend, chunk 0 runs in the calling process and
+chunks 1..W-1 in W-1 forked worker processes, one per chunk, each with one BLAS thread.
 
 What is shared and what travels:
   parameters   in shared memory (`shared_buffer`, minidiff.execution.data_parallel moves them there) before the

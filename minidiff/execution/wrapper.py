@@ -20,7 +20,7 @@ class ModelWrapper(OwnTape):
     def __init__(self, model):
         self.model = model
         if model.backend.name != "cupy":
-            retain_freed_memory()   # a CPU step reallocates what the last one freed: keep it (minidiff.kernels.workspace)
+            retain_freed_memory()   # a CPU step reallocates what the last one freed: keep it (kernels.workspace)
 
     @property
     def params(self):

@@ -1,14 +1,14 @@
 """Matrix products on CuPy through cuBLAS called directly (ctypes), so that a CUDA graph can capture them.
 
-Why: a training step on a GPU is ~900 launches of ~3 ms of work in all, and the host's time per launch, not the GPU,
-sets its time (BENCHMARKS.md). Replaying the step's forward and backward as CUDA graphs (minidiff.execution.graphs) removes
-that cost, but CuPy refuses every cuBLAS call while a stream captures (`cupy_backends.cuda.libs.cublas.setStream`
-raises NotImplementedError, cupy/cupy#6290) although cuBLAS itself supports capture. So the products go to cuBLAS
+Why: a training step on a GPU is many short launches, and the host's time per launch, not the GPU, sets its time
+(BENCHMARKS.md). Replaying the step's forward and backward as CUDA graphs (minidiff.execution.graphs) removes that
+cost, but CuPy refuses every cuBLAS call while a stream captures (`cupy_backends.cuda.libs.cublas.setStream` raises
+NotImplementedError) although cuBLAS itself supports capture. So the products go to cuBLAS
 here, on a handle of our own with a workspace of our own, in eager runs and captures alike. The workspace is set
 again after every change of stream (cublasSetStream resets it to cuBLAS's default, which cuBLAS would then allocate
 per stream, inside a capture too), and one workspace on every stream is also what cuBLAS requires for bitwise equal
 results across streams: a replayed graph gives the eager step's bits. The products are plain float32 (cuBLAS's
-default math mode) whatever CUPY_TF32 says: sums are computed as products too (norm.channel_sums), and TF32 would
+default math mode) whatever CUPY_TF32 says: sums are computed as products too (channels.channel_sums), and TF32 would
 round their inputs to 10 bits.
 
 cuBLAS is column-major; a row-major C = A B is computed as the column-major C^T = B^T A^T, and a row-major matrix's

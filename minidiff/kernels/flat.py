@@ -1,14 +1,13 @@
-"""Arrays laid end to end in one flat buffer, so that elementwise work over all of them can run on a few long chunks.
+"""Arrays laid end to end in one flat buffer, so that elementwise work over all of them runs on a few long chunks.
 
-A model's parameters are ~130 small arrays. An optimizer step applies the same elementwise rule to each, and in
-NumPy every operation costs ~1 us of call overhead whatever its size (on a GPU, a kernel launch): per parameter,
+A model's parameters are over a hundred small arrays. An optimizer step applies the same elementwise rule to each,
+and in NumPy every operation costs a call's overhead whatever its size (on a GPU, a kernel launch): per parameter,
 Adam's ten operations cost more in calls than in arithmetic. `FlatArrays` is a dict whose arrays are consecutive
-views into one 1-D buffer, in dict order, with no gaps; `chunks` cuts that buffer into chunks of whole arrays, which an
-optimizer then treats like single arrays (PyTorch's "multi-tensor" optimizers group parameters the same way). An
-elementwise rule gives the same bits per element however the elements are grouped. Measured on one core, a digits
-model (128 arrays, 177k weights): Adam 1.29 ms a step array by array, 0.38 ms in chunks of 32k elements; the EMA
-0.40 ms and 0.12 ms. A model's gradients come laid out the same way (`gather`), so a gradient norm, a clip or an
-optimizer's chunk reads one slice of them instead of ~130 arrays (on a GPU, one launch instead of ~130).
+views into one 1-D buffer, in dict order, with no gaps; `chunks` cuts that buffer into chunks of whole arrays, which
+an optimizer then treats like single arrays (PyTorch's "multi-tensor" optimizers group parameters the same way), a
+few times faster (BENCHMARKS.md). An elementwise rule gives the same bits per element however the elements are
+grouped. A model's gradients come laid out the same way (`gather`), so a gradient norm, a clip or an optimizer's
+chunk reads one slice of them instead of every array (on a GPU, one launch instead of one per array).
 """
 
 from __future__ import annotations

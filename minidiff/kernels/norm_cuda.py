@@ -1,10 +1,9 @@
 """GroupNorm (+ SiLU) for CuPy: the same function as `minidiff.nn.norm`, in a handful of fused kernels.
 
 Why a second form: `minidiff.nn.norm` is arranged for NumPy on a CPU (group sums as small matrix products with 0/1
-matrices, wide rows, scratch buffers), which costs ~30 array operations for a forward and ~40 for a backward. On a
-GPU each operation is a kernel launch that costs the host 9-19 µs (measured on an H200, BENCHMARKS.md; an add is the
-cheapest, a matmul or a sum the dearest), and at this model's sizes those launches, not the arithmetic, set the
-step's time. Here the elementwise work is one kernel per pass
+matrices, wide rows, scratch buffers), which costs some thirty array operations for a forward and forty for a
+backward. On a GPU each operation is a kernel launch that costs the host time (BENCHMARKS.md), and at this model's
+sizes those launches, not the arithmetic, set the step's time. Here the elementwise work is one kernel per pass
 (normalise + scale + shift + SiLU + SiLU's derivative in the forward, the whole dx in the backward) and the group
 statistics are CuPy reductions over the (N, S, G, Cg) view of x, where a group's channels are contiguous.
 

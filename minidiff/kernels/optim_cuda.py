@@ -3,7 +3,8 @@
 Why: on a GPU every `out=` operation of the generic step (`Optimizer.step` -> `_update`) is its own kernel launch,
 about ten per parameter for Adam, and with ~100 parameter arrays of a few thousand elements each it is the launches,
 not the arithmetic, that set the step's time. Parameters laid end to end with gradients laid out alike (a model's
-own, minidiff.kernels.flat) take one launch per chunk of up to Optimizer.CHUNK_SIZE_GPU elements: one for the digits model.
+own, minidiff.kernels.flat) take one launch per chunk of up to Optimizer.CHUNK_SIZE_GPU elements: one for a small
+model.
 These kernels compute the same equations as the classes' `_update` (see their docstrings), term by term in the same
 order, and write θ_t, the state buffers in place.
 

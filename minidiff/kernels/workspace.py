@@ -3,7 +3,7 @@
 A layer asks for `scratch(name, shape, like)` and gets a view of a flat buffer kept for that name (per array module,
 dtype and thread), grown when a larger shape is asked for. Reusing it is what makes it cheap: a fresh large array
 costs a page fault per 4 KiB the first time it is written (the allocator hands freed memory back to the OS), which
-on this project's CPUs can cost more than the arithmetic done with it.
+can cost more than the arithmetic done with it.
 
 Rules that keep it safe: a scratch array is used inside the function that asked for it and never returned or
 cached; two live scratch arrays need two names; the thread id is part of the key, so worker threads never share one.
@@ -11,7 +11,7 @@ cached; two live scratch arrays need two names; the thread id is part of the key
 Activations and gradients cannot be scratch (they live from the forward to the backward), so for them
 `retain_freed_memory` asks the C allocator to keep what a training step frees for the next step, which allocates
 the same sizes again: without it glibc hands the freed memory back to the OS after every backward and the next
-forward faults it all in again (about 8000 page faults, 5-10% of a digits step on a 2-core VM).
+forward faults it all in again (thousands of page faults a step; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def constant(key, like, build):
 
 
 def ones_row(n, like):
-    """A (1, n) row of ones (it turns sums into matrix-vector products, see norm.channel_sums)."""
+    """A (1, n) row of ones (it turns sums into matrix-vector products, see minidiff.kernels.channels)."""
     return constant(("ones", n), like, lambda xp, dtype: xp.ones((1, n), dtype=dtype))
 
 
@@ -121,10 +121,10 @@ def retain_freed_memory() -> bool:
 def release_free_memory() -> bool:
     """Hand the pages of the C heap's free blocks back to the OS (glibc's malloc_trim(0)); False elsewhere.
 
-    For a freshly forked worker (minidiff.execution.processes): the free blocks it inherits are free in the parent too, and the
-    parent's next allocations write into them; every page written then is copied, and the worker would keep the
-    old copy it never uses (as much as the parent had freed before the fork). Released in the worker first, the
-    page stays the parent's alone.
+    For a freshly forked worker (minidiff.execution.processes): the free blocks it inherits are free in the parent
+    too, and the parent's next allocations write into them; every page written then is copied, and the worker would
+    keep the old copy it never uses (as much as the parent had freed before the fork). Released in the worker first,
+    the page stays the parent's alone.
     """
     try:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))

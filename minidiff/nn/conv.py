@@ -9,8 +9,8 @@ Why chunks: the column matrix is kh*kw times the size of the input. Built for a 
 buffer of about `CHUNK_BYTES`, it is written and read back while it still sits in the cache, and it is never kept:
 the backward builds the column matrix of the output gradient instead (which serves both of its products, see there),
 so the forward stores no more than its input -- PyTorch's memory, not kh*kw times it. On a GPU the "chunk" is the
-whole batch, and the column matrix is one kernel (minidiff.kernels.conv_cuda). (Multi-core CPUs are used one level up: the
-model splits the batch, minidiff.execution.threads.)
+whole batch, and the column matrix is one kernel (minidiff.kernels.conv_cuda). (Multi-core CPUs are used from outside
+the model: minidiff.execution.data_parallel splits the batch.)
 
 Layouts: x (N, H, W, C), w (O, C, kh, kw) as PyTorch's OIHW, b (O,), out (N, Ho, Wo, O).
 The same math written for reading (NCHW, a loop over the kernel offsets): minidiff.nn.reference.conv2d_forward.
@@ -25,8 +25,8 @@ from minidiff.kernels.chunks import batch_chunks
 from minidiff.kernels.matmul import matmul
 from minidiff.kernels.workspace import scratch, scratch_kept
 
-# column-matrix bytes per chunk on the CPU (see the module docstring): 1 MiB steps as fast as 2 MiB (interleaved, one
-# core, digits to 32x32: within 1.3%) and halves the work buffers a sampling worker holds
+# column-matrix bytes per chunk on the CPU (see the module docstring): small enough to stay in the cache, and larger
+# chunks step no faster while each holds larger work buffers (BENCHMARKS.md)
 CHUNK_BYTES = 1 << 20
 
 

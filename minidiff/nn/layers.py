@@ -4,7 +4,8 @@
 like PyTorch's parameter names ("weight", "bias"; empty for layers without parameters). Backward functions never write
 into `dout` (a module may hand the same gradient to two branches); they may return views of arrays they allocated.
 Layouts follow PyTorch -- activations NCHW, conv weights OIHW, linear weights (out, in) -- except the `_nhwc` layers:
-the UNet computes channels-last (N, H, W, C), where a convolution needs no transposes (minidiff.nn.conv, minidiff.nn.norm).
+the UNet computes channels-last (N, H, W, C), where a convolution needs no transposes (minidiff.nn.conv,
+minidiff.nn.norm).
 
 Also here: the sinusoidal timestep embedding (host side, no gradient: t is an integer) and the parameter specs that
 models use to initialise weights the way PyTorch does.
@@ -70,7 +71,8 @@ def group_norm_forward(x, gamma, beta, groups, eps=1e-5):
 
     Each (image, group of C/groups channels) is normalised by its own mean and biased variance, then scaled and
     shifted per channel: out = x_hat * gamma + beta, x_hat = (x - mean) / sqrt(var + eps). Computed channels-last by
-    `minidiff.nn.norm.group_norm_nhwc_forward` (the layout the UNet uses); this form moves the channel axis at the edges.
+    `minidiff.nn.norm.group_norm_nhwc_forward` (the layout the UNet uses); this form moves the channel axis at the
+    edges.
     """
     xp = get_array_module(x)
     out, cache = group_norm_nhwc_forward(xp.ascontiguousarray(xp.moveaxis(x, 1, -1)), gamma, beta, groups, eps)
@@ -155,8 +157,8 @@ def timestep_embedding(t, dim, max_period=10000.0):
     emb[:, k] = sin(t * f_k), emb[:, half + k] = cos(t * f_k), f_k = max_period^(-k / (half - 1)), half = dim // 2;
     an odd dim gets a zero last column. Computed in float64 so every dtype sees the same numbers; the caller casts it
     with `backend.asarray(emb, dtype)`. A host t gives the same numbers on every backend; a device t (CuPy) keeps the
-    computation on the device, where a CUDA graph can replay it (minidiff.execution.graphs), and may differ from the host's
-    in the last bit of float64. No backward: t is not differentiable.
+    computation on the device, where a CUDA graph can replay it (minidiff.execution.graphs), and may differ from the
+    host's in the last bit of float64. No backward: t is not differentiable.
     """
     if dim < 4:
         raise ValueError(f"timestep embedding needs dim >= 4, got {dim}")

@@ -13,14 +13,15 @@ over (spatial, Cg) as torch.nn.GroupNorm does. Written for speed on NumPy withou
   the same memory, but its backward must recompute the sigmoid); the backward never recomputes a tanh;
 - temporaries live in reused scratch buffers (minidiff.kernels.workspace); only the output is a new array.
 - the per-(image, channel) coefficients are applied on "wide rows": x (N, S, C) seen as (N, S / k, k C) with the
-  coefficients tiled k times, so NumPy's inner loop runs over k C elements instead of C (a broadcast over 16
-  channels runs ~3x slower per element than a flat loop; see minidiff.kernels.channels);
+  coefficients tiled k times, so NumPy's inner loop runs over k C elements instead of C (a broadcast over a few
+  channels runs several times slower per element than a flat loop; see minidiff.kernels.channels);
 - per-group and per-channel values move between (N, G), (N, C) and the tiled (N, k C) by products with constant
   0/1 matrices (`_maps`): one small matmul instead of a reshape-sum, a repeat and a concatenate. Each output of a
   spreading or tiling product is one value times 1 plus zeros, so it is exact for finite values (an inf turns the
   other columns' 0 * inf into NaN: a diverged run is non-finite either way); a group sum is a BLAS product, whose
   float32 rounding can differ from the reduction it replaced (docs/momentum-study.md says what that changed).
-On CuPy all of this is launches, not arithmetic: `minidiff.kernels.norm_cuda` computes the same function in fused kernels.
+On CuPy all of this is launches, not arithmetic: `minidiff.kernels.norm_cuda` computes the same function in fused
+kernels.
 The same math written for reading (NCHW, unfused, no scratch): minidiff.nn.reference.group_norm_forward.
 """
 
@@ -56,7 +57,7 @@ CHUNK_BYTES = 2 << 20   # bytes of images per call of the NumPy path: see group_
 
 def _by_chunks(xp, x, fn, *per_image):
     """fn(*per_image) on chunks of about CHUNK_BYTES of x's images (None entries stay None), its per-image results
-    joined in order; a small x (most calls) goes whole, with no slicing or joining (a few us of a ~0.2 ms call)."""
+    joined in order; a small x (most calls) goes whole, with no slicing or joining."""
     if x.nbytes <= CHUNK_BYTES:
         return fn(*per_image)
     results = [fn(*(None if a is None else a[lo:hi] for a in per_image))
@@ -73,8 +74,8 @@ def group_norm_nhwc_forward(x, gamma, beta, groups, eps=1e-5, silu=False, cache=
     of the forward's passes, and returns None for the cache.
     Every value is per image, so on NumPy a large x goes a few images at a time (the same function; the last bits
     can depend on the chunk, as the per-image sums are batched matrix products): each chunk's ten-odd passes then
-    stay in the cache (a 32-image 32x32x64 GroupNorm + backward, one core: 11.3 ms whole, 7.4 ms in 2 MiB chunks;
-    1 MiB chunks slow the 2 MiB inputs of the 16x16 model down), and the scratch buffers are a chunk's size.
+    stay in the cache, and the scratch buffers are a chunk's size (CHUNK_BYTES: the size that steps fastest,
+    BENCHMARKS.md).
     """
     xp = get_array_module(x)
     if is_cupy_module(xp):
