@@ -3,7 +3,8 @@
 Notation: abar_t = schedule.alphas_cumprod[t] (0-based t), alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t).
 Prediction targets (`PREDICTIONS`): the noise eps (DDPM), the clean sample x0, or v = alpha_t eps - sigma_t x0
 (Salimans & Ho 2022, sec. 4). Loss weightings (`WEIGHTINGS`): "uniform" (DDPM's L_simple, eq. 14) and "min_snr"
-(Hang et al. 2023). Timestep samplers: `UniformSampler` and `LossAwareSampler` (improved DDPM, sec. 3.3).
+(Hang et al. 2023). Timestep samplers: `UniformSampler` and `LossAwareSampler` (improved DDPM, sec. 3.3); those that
+follow the timestep buckets or the course of a run are in minidiff.diffusion.timesteps.
 
 Arrays x0, x_t, noise and model outputs are backend arrays of shape (N, ...); t is a host int array (N,).
 """

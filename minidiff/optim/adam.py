@@ -17,7 +17,9 @@ class Adam(Optimizer):
         m_t = m_{t-1} + (1 − β1)(g_t − m_{t-1})   = β1 m_{t-1} + (1 − β1) g_t  (PyTorch's lerp form)
         v_t = β2 v_{t-1} + (1 − β2) g_t²
         v_t^max = max(v_{t-1}^max, v_t)       AMSGrad only, on the *raw* v; then v_t^max replaces v_t below
-        c1 = 1 − β1^t,  c2 = 1 − β2^t         bias corrections (both 1 with bias_correction=False)
+        c1 = 1 − β1^t,  c2 = 1 − β2^t         bias corrections (both 1 with bias_correction=False; under per-bucket
+                                              first moments c1 counts the bucket's own updates of m instead of t,
+                                              minidiff.optim.bucket_momentum)
         D_t = √v_t / √c2 + ε                  = √v̂_t + ε, with v̂_t = v_t / c2
         u_t = −(γ / c1) · m_t / D_t           = −γ m̂_t / (√v̂_t + ε), with m̂_t = m_t / c1
         θ_t = θ_{t-1} + u_t
@@ -66,8 +68,8 @@ class Adam(Optimizer):
         return self.state[name]["exp_avg"]
 
     def _coefficients(self) -> dict:
-        t = self.step_count
-        c1 = 1.0 - self.beta1 ** t if self.bias_correction else 1.0
+        t = self.step_count   # c1 counts the updates of m: t, or its bucket's own count (first_moment_steps)
+        c1 = 1.0 - self.beta1 ** self.first_moment_steps() if self.bias_correction else 1.0
         c2 = 1.0 - self.beta2 ** t if self.bias_correction else 1.0
         return {"c1": c1, "c2": c2, "sqrt_c2": c2 ** 0.5, "step_size": self.lr / c1}
 

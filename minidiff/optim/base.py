@@ -148,6 +148,14 @@ class Optimizer:
         """The momentum buffer / first moment that diagnostics compare the gradient with, or None."""
         return None
 
+    # Per-bucket first moments (minidiff.optim.bucket_momentum) set this to the count of the active bucket's buffer
+    first_moment_step_count = None
+
+    def first_moment_steps(self) -> int:
+        """Updates the first moment (momentum buffer, Adam's m) has absorbed, this step's included: the step count,
+        or under per-bucket first moments the count of the buffer this step uses."""
+        return self.step_count if self.first_moment_step_count is None else self.first_moment_step_count
+
     # --- the step ----------------------------------------------------------------------------------------------
     def step(self, grads: dict, diagnostics: bool = False, per_param: bool = False):
         """One update of every parameter, in place. grads: dict keyed like params, arrays shaped like them.

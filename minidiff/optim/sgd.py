@@ -15,7 +15,8 @@ class SGD(Optimizer):
         g_t = ∇f(θ_{t-1})                     (−∇f(θ_{t-1}) when maximize=True)
         g_t = g_t + λ θ_{t-1}                 coupled L2 weight decay, when λ ≠ 0
         if μ ≠ 0:
-            b_t = g_t                         t = 1: the buffer starts as a copy of g_1 (no dampening)
+            b_t = g_t                         t = 1: the buffer starts as a copy of g_1 (no dampening; under
+                                              per-bucket buffers, a bucket's first step: bucket_momentum)
             b_t = μ b_{t-1} + (1 − τ) g_t     t > 1
             d_t = g_t + μ b_t                 Nesterov
             d_t = b_t                         otherwise (heavy ball)
@@ -77,7 +78,9 @@ class SGD(Optimizer):
 
     @property
     def _fused_update(self):
-        return fused.sgd if type(self)._update is SGD._update else None   # see Adam._fused_update
+        # see Adam._fused_update; the kernel knows only the global step count, not a bucket's (first_moment_steps)
+        own_rule = type(self)._update is SGD._update
+        return fused.sgd if own_rule and self.first_moment_step_count is None else None
 
     def _update(self, st, theta, g, tmp, u, coef, diag) -> None:
         xp, lr, mu = self._xp, self.lr, self.momentum
@@ -85,7 +88,7 @@ class SGD(Optimizer):
             xp.multiply(g, -lr, out=u)                  # u_t = −γ g_t
             return
         b = st["momentum_buffer"]
-        if self.step_count == 1:
+        if self.first_moment_steps() == 1:
             b[...] = g                                  # b_1 = g_1
         else:
             b *= mu                                     # b_t = μ b_{t-1} + (1 − τ) g_t

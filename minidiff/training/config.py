@@ -11,6 +11,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from minidiff.diffusion.timesteps import TIMESTEP_SAMPLERS
+from minidiff.optim.momentum_schedules import MOMENTUM_SCHEDULES
+
 # Learning rates used when --lr is not given: the tuned rates of the momentum study (docs/momentum-study.md, table in
 # docs/momentum-study/tuning.md), chosen by final training loss for the default model (UNet, base_channels 16) on the
 # digits, batch 128, 800 steps. Adam's 3e-3 is for its default beta1 0.9 (the study picked 1e-3 for beta1 = 0);
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 DEFAULT_LR = {"adam": 3e-3, "adamw": 3e-3, "nadam": 3e-3, "sgd": 0.3, "momentum": 0.1, "nesterov": 0.1}
 OPTIMIZER_NAMES = tuple(DEFAULT_LR)
 MODEL_NAMES = ("auto", "unet", "mlp")
-TIMESTEP_SAMPLING = ("uniform", "loss_aware")
+TIMESTEP_SAMPLING = TIMESTEP_SAMPLERS
 DEVICES = ("cpu", "gpu", "auto", "strict")
 CAPPED_DEFAULTS = {"sample_steps": 25, "timestep_buckets": 10, "probe_buckets": 5, "eval_steps": 25}
 
@@ -44,6 +47,7 @@ class TrainConfig:
     weighting: str = "uniform"
     min_snr_gamma: float = 5.0
     timestep_sampling: str = "uniform"
+    curriculum_steps: int | None = None   # curriculum sampling: the step that sees every t (None: half the run)
     # optimizer
     optimizer: str = "adam"
     lr: float | None = None
@@ -58,6 +62,11 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
+    # momentum over the run (minidiff.optim.momentum_schedules): beta1 (Adam family) or mu (momentum, nesterov)
+    momentum_schedule: str = "constant"
+    momentum_final: float | None = None
+    momentum_lr_compensation: bool = False
+    bucket_momentum: bool = False         # one first moment per timestep bucket (needs bucket_cycle sampling)
     # loop
     batch_size: int = 128
     steps: int = 1500
@@ -165,7 +174,43 @@ class TrainConfig:
         for name in ("dataset_options", "model_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a mapping, got {getattr(self, name)!r}")
+        self._validate_study_options()
         return self
+
+    def _validate_study_options(self) -> None:
+        """Curriculum, momentum schedule and per-bucket first moments: each refusal one line."""
+        if self.curriculum_steps is not None:
+            _integer("curriculum_steps", self.curriculum_steps, 1)
+        _choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
+        if self.momentum_final is not None:
+            _number("momentum_final", self.momentum_final, lo=0.0, hi=1.0, hi_open=True)
+        for name in ("momentum_lr_compensation", "bucket_momentum"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        scheduled = self.momentum_schedule != "constant"
+        if scheduled and self.optimizer == "sgd":
+            raise ValueError("momentum_schedule needs an optimizer with momentum; plain sgd has none (use momentum, "
+                             "nesterov or the Adam family)")
+        if scheduled and self.momentum_final is None:
+            raise ValueError(f"momentum_schedule {self.momentum_schedule!r} needs momentum_final (its last value)")
+        if scheduled and self.optimizer in ("momentum", "nesterov") and self.momentum <= 0:
+            raise ValueError("momentum_schedule needs momentum > 0 to start from (the buffer exists only then)")
+        if self.momentum_lr_compensation and self.optimizer not in ("momentum", "nesterov"):
+            raise ValueError(f"momentum_lr_compensation keeps heavy ball's and Nesterov's step lr/(1 - mu) constant; "
+                             f"{self.optimizer} has no such factor to compensate (Adam's first moment is a normalised "
+                             f"average)")
+        if self.bucket_momentum and self.optimizer == "sgd":
+            raise ValueError("bucket_momentum needs a momentum buffer or Adam's first moment; plain sgd has none")
+        if self.bucket_momentum and self.optimizer == "nadam":
+            raise ValueError("bucket_momentum does not support nadam (its momentum product runs over all steps)")
+        if self.bucket_momentum and self.timestep_sampling != "bucket_cycle":
+            raise ValueError(f"bucket_momentum needs timestep_sampling 'bucket_cycle' (one bucket per batch), "
+                             f"got {self.timestep_sampling!r}")
+
+    @property
+    def resolved_curriculum_steps(self) -> int:
+        """The curriculum's S: curriculum_steps, or half the run (at least 1)."""
+        return self.curriculum_steps if self.curriculum_steps is not None else max(self.steps // 2, 1)
 
 
 def _choice(name, value, choices):

@@ -23,12 +23,14 @@ import numpy as np
 from minidiff.backend import get_backend, to_float, to_numpy
 from minidiff.optim.clip import clip_grad_norm, global_norm
 from minidiff.training.config import TrainConfig
+from minidiff.training.plan import build_lr_schedule, build_momentum_schedule, build_timestep_sampler, plan_dependence
 from minidiff.datasets import load_dataset
 from minidiff.datasets.batches import BatchIterator
-from minidiff.diffusion.losses import LossAwareSampler, UniformSampler, training_loss
+from minidiff.diffusion.losses import LossAwareSampler, training_loss
+from minidiff.optim.bucket_momentum import BucketMomentum
 from minidiff.optim.ema import EMA
 from minidiff.instruments.recorder import Instruments
-from minidiff.optim.lr_schedules import make_lr_schedule
+from minidiff.optim.momentum_schedules import momentum_attribute, set_momentum
 from minidiff.models import MODELS, build_model
 from minidiff.execution import wrap
 from minidiff.optim import build_optimizer
@@ -70,12 +72,6 @@ def model_spec(config: TrainConfig, dataset) -> tuple[str, dict]:
     return name, options
 
 
-def build_lr_schedule(config: TrainConfig):
-    """The learning rate at each step of a run planned for config.steps steps (the warm-up capped at the plan)."""
-    return make_lr_schedule(config.lr_schedule, config.resolved_lr, config.steps,
-                            warmup_steps=min(config.warmup_steps, config.steps))
-
-
 @contextlib.contextmanager
 def quiet_float_errors():
     """No NumPy overflow/invalid-value warnings: a diverging run says so in one line (non-finite values are caught at
@@ -102,9 +98,12 @@ class Trainer:
             self.model.start_workers((config.batch_size, *self.dataset.train.shape[1:]))
         self.schedule = make_schedule(config.schedule, config.timesteps)
         T = config.timesteps
-        self.timestep_sampler = LossAwareSampler(T) if config.timestep_sampling == "loss_aware" else UniformSampler(T)
+        self.timestep_sampler = build_timestep_sampler(config)
         self.optimizer = build_optimizer(config.optimizer, self.model.params, **config.optimizer_hyperparameters())
         self.lr_schedule = build_lr_schedule(config)
+        self.momentum_schedule = build_momentum_schedule(config)
+        self.bucket_momentum = BucketMomentum(self.optimizer, config.timestep_buckets) if config.bucket_momentum \
+            else None
         self.ema = EMA(self.model.params, decay=config.ema_decay, warmup=config.ema_warmup)
         # Separate streams: data order, and (t, noise). Sampling for figures uses its own fixed seed.
         self.batches = BatchIterator(self.dataset.train, config.batch_size, seed=config.seed)
@@ -123,9 +122,13 @@ class Trainer:
         c, xp = self.config, self.backend.xp
         x0 = self.backend.asarray(next(self.batches), dtype=self.model.dtype)
         self.optimizer.lr = self.lr_schedule(self.step)
+        if self.momentum_schedule is not None:
+            self._schedule_momentum(self.step)
         out = training_loss(self.model.forward, x0, self.schedule, self.rng, prediction=c.prediction,
                             weighting=c.weighting, min_snr_gamma=c.min_snr_gamma,
                             timestep_sampler=self.timestep_sampler)
+        if self.bucket_momentum is not None:   # before the instruments read the buffer the step will use
+            self.bucket_momentum.select(self.timestep_sampler.last_bucket)
         grads = self.model.backward(out.dout)
         grad_norm = clip_grad_norm(grads, c.grad_clip) if c.grad_clip else global_norm(grads)
         pending = self.instruments.before_step(self.step + 1, grads)
@@ -144,6 +147,12 @@ class Trainer:
         self.step += 1
         return diag, pending
 
+    def _schedule_momentum(self, step: int) -> None:
+        """β1 or μ of this step from the momentum schedule; with compensation, lr_t = lr_t (1 − μ_t) / (1 − μ_0)."""
+        set_momentum(self.optimizer, self.momentum_schedule(step))
+        if self.config.momentum_lr_compensation:
+            self.optimizer.lr = self.optimizer.lr * self.momentum_schedule.lr_factor(step)
+
     def _reset_accumulators(self):
         xp, dt = self.backend.xp, self.model.dtype
         self._acc = {"loss": xp.zeros((), dtype=dt), "grad_norm": xp.zeros((), dtype=dt),
@@ -157,6 +166,8 @@ class Trainer:
         n = max(acc["steps"], 1)
         metrics = {"loss": to_float(acc["loss"]) / n, "grad_norm": to_float(acc["grad_norm"]) / n,
                    "lr": float(self.optimizer.lr), "step_time": acc["time"] / n}
+        if self.momentum_schedule is not None:
+            metrics["momentum"] = float(getattr(self.optimizer, momentum_attribute(self.optimizer)))
         counts = acc["bucket_count"]
         with np.errstate(invalid="ignore", divide="ignore"):
             metrics["timestep_loss"] = np.where(counts > 0, to_numpy(acc["bucket_loss"]) / counts, np.nan)
@@ -176,6 +187,7 @@ class Trainer:
                 "data_order": self.batches.state_dict(), "rng": self.rng.bit_generator.state,
                 "timestep_sampler": self.timestep_sampler.state_dict(), "train_time": self.train_time,
                 "instruments": self.instruments.state_dict(),
+                **({"bucket_momentum": self.bucket_momentum.state_dict()} if self.bucket_momentum else {}),
                 "accumulators": {"loss": to_numpy(acc["loss"]), "grad_norm": to_numpy(acc["grad_norm"]),
                                  "bucket_loss": to_numpy(acc["bucket_loss"]),
                                  "bucket_count": acc["bucket_count"].copy(), "steps": acc["steps"],
@@ -185,6 +197,8 @@ class Trainer:
         self.step = int(state["step"])
         self.model.load_params(state["params"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.bucket_momentum is not None:
+            self.bucket_momentum.load_state_dict(state["bucket_momentum"])
         self.ema.load_state_dict(state["ema"])
         self.batches.load_state_dict(state["data_order"])
         self.rng.bit_generator.state = state["rng"]
@@ -347,7 +361,8 @@ def resume_run(path, steps: int | None = None):
     config then says `steps`), so logs, samples and the end follow the new total: the state then evolves exactly as
     in a run planned that long (its metrics differ only by the rows already written at the old end, and the log
     window after it). ValueError, file untouched, when the learning rates of the steps already taken depend on the
-    total (cosine, warmup_cosine, a warm-up longer than the plan): they would not match a run planned that long.
+    total (cosine, warmup_cosine, a warm-up longer than the plan), or their momentum (a momentum schedule) or
+    timesteps (a curriculum without curriculum_steps): they would not match a run planned that long.
     """
     from minidiff.runs.file import RunFile
 
@@ -356,10 +371,10 @@ def resume_run(path, steps: int | None = None):
     done = run.checkpoint_step
     if steps is not None and steps > config.steps and done is not None:  # no checkpoint: resume() says so below
         extended = config.replace(steps=steps)
-        old, new = build_lr_schedule(config), build_lr_schedule(extended)
-        if any(old(k) != new(k) for k in range(done)):
-            raise ValueError(f"--steps {steps} is past the {config.steps} steps {path} was planned for, and its lr "
-                             f"schedule {config.lr_schedule!r} depends on the total, so the steps already taken would "
+        changed = plan_dependence(config, extended, done)
+        if changed:
+            raise ValueError(f"--steps {steps} is past the {config.steps} steps {path} was planned for, and its "
+                             f"{changed} depends on the total, so the steps already taken would "
                              f"not match a {steps}-step run; resume to at most {config.steps} steps, or start a new "
                              f"run with minidiff train --steps {steps}")
         run.set_config(extended.to_dict())
