@@ -10,6 +10,8 @@ Every `probe_every` steps (cost: a few extra forward/backward passes on fixed ba
   layer_update_to_weight                      |delta theta| / |theta| per layer (names in the root attr layer_names)
 Every `eval_every` steps: `fd` (Frechet distance of EMA DDIM samples to held-out digits in the shipped classifier's
 feature space) for the digits, `swd` (sliced Wasserstein to held-out points) for 2-D data.
+Every `val_every` steps (default: with the evaluations): val_loss, val_loss_ema and their per-bucket vectors, the
+denoising loss of the raw and EMA weights on fixed held-out triples (minidiff.instruments.validation).
 
 Probes draw from their own fixed seeds and use fixed batches, so they never change the training run itself: a run
 with probes is bitwise the same run as one without.
@@ -21,7 +23,7 @@ import json
 
 import numpy as np
 
-from minidiff.instruments import probes
+from minidiff.instruments import probes, validation
 from minidiff.backend import to_float, to_numpy
 
 
@@ -42,6 +44,13 @@ class Instruments:
         self.noise_batch = train[len(train) - n_ns:]  # a different fixed slice from the probe batch
         self._previous_grads = None
         self._before = None
+        self.val_every = c.resolved_val_every
+        if self.val_every and len(trainer.dataset.test) == 0:
+            if c.val_every:   # asked for explicitly: say why it cannot be done
+                raise ValueError(f"val_every {c.val_every}: the data has no held-out samples to validate on "
+                                 f"(holdout {c.holdout})")
+            self.val_every = 0
+        self._validation_set = None
 
     # --- around the optimizer step (only on the steps that need it) -----------------------------------------------
     def _probing_at(self, step: int) -> bool:
@@ -111,6 +120,28 @@ class Instruments:
         return {"probe_loss": bp.losses, "probe_grad_norm": bp.grad_norms, "probe_cosine": bp.cosine.ravel(),
                 "noise_scale": float(ns.overall.b_simple),
                 "noise_scale_bucket": np.asarray(ns.per_bucket.b_simple, dtype=np.float64)}
+
+    # --- the held-out denoising loss ------------------------------------------------------------------------------
+    def validate(self) -> dict:
+        """val_loss, val_loss_bucket (raw weights) and val_loss_ema, val_loss_ema_bucket on the fixed held-out triples
+        (minidiff.instruments.validation), forward only on the sampling model."""
+        t, c = self.trainer, self.trainer.config
+        if self._validation_set is None:
+            self._validation_set = validation.validation_set(t.dataset.test, c.timesteps, c.timestep_buckets,
+                                                             c.val_samples)
+        kw = dict(prediction=c.prediction, weighting=c.weighting, min_snr_gamma=c.min_snr_gamma)
+        out, model = {}, None
+        try:
+            for suffix, use_ema in (("", False), ("_ema", True)):
+                model = t.weights_model(use_ema)
+                loss, per_bucket = validation.validation_loss(
+                    lambda x_t, ts: model.forward(x_t, ts, cache=False), t.schedule, self._validation_set,
+                    c.batch_size, t.backend, model.dtype, **kw)
+                out[f"val_loss{suffix}"], out[f"val_loss{suffix}_bucket"] = loss, per_bucket
+        finally:
+            if model is not None:   # as after sampling: no idle workers holding copies of training's pages
+                model.stop_workers()
+        return out
 
     # --- sample quality ------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:

@@ -87,6 +87,8 @@ class TrainConfig:
     eval_every: int = 500
     eval_samples: int = 256
     eval_steps: int | None = None         # None: 25
+    val_every: int | None = None          # held-out denoising loss; None: every eval_every steps
+    val_samples: int = 1024
 
     # --- derived ---------------------------------------------------------------------------------------------------
     def __post_init__(self):
@@ -178,7 +180,10 @@ class TrainConfig:
         return self
 
     def _validate_study_options(self) -> None:
-        """Curriculum, momentum schedule and per-bucket first moments: each refusal one line."""
+        """Validation, curriculum, momentum schedule and per-bucket first moments: each refusal one line."""
+        if self.val_every is not None:
+            _integer("val_every", self.val_every, 0)
+        _integer("val_samples", self.val_samples, 1)
         if self.curriculum_steps is not None:
             _integer("curriculum_steps", self.curriculum_steps, 1)
         _choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
@@ -206,6 +211,11 @@ class TrainConfig:
         if self.bucket_momentum and self.timestep_sampling != "bucket_cycle":
             raise ValueError(f"bucket_momentum needs timestep_sampling 'bucket_cycle' (one bucket per batch), "
                              f"got {self.timestep_sampling!r}")
+
+    @property
+    def resolved_val_every(self) -> int:
+        """Steps between held-out validation losses: val_every, or eval_every when it is None; 0 = off."""
+        return self.eval_every if self.val_every is None else self.val_every
 
     @property
     def resolved_curriculum_steps(self) -> int:

@@ -216,6 +216,14 @@ class Trainer:
         return bool(np.isfinite(to_float(global_norm(self.model.params))))
 
     # --- sampling --------------------------------------------------------------------------------------------------
+    def weights_model(self, use_ema: bool = True):
+        """The sampling model (a second model, built on first use) holding the EMA or the raw weights: for forward
+        passes outside training (samples, validation) that leave the training model and its tape alone."""
+        if self._sampling_model is None:
+            self._sampling_model = wrap(build_model(self.model_name, **self.model.config, device=self.backend))
+        self._sampling_model.load_params(self.ema.params if use_ema else self.model.params)
+        return self._sampling_model
+
     def sample(self, n: int, num_steps: int = 25, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
                use_ema: bool = True, progress=None):
         """Samples from the EMA (or raw) weights as a host array in the data's range.
@@ -223,10 +231,7 @@ class Trainer:
         sampler "ddim" (num_steps steps, eta) or "ddpm" (all T steps, posterior variance); images have x0 clipped to
         [-1, 1] at every step, as DDPM's sampler does.
         """
-        if self._sampling_model is None:
-            self._sampling_model = wrap(build_model(self.model_name, **self.model.config, device=self.backend))
-        self._sampling_model.load_params(self.ema.params if use_ema else self.model.params)
-        model = self._sampling_model
+        model = self.weights_model(use_ema)
         common = dict(seed=seed, prediction=self.config.prediction, backend=self.backend, dtype=self.model.dtype,
                       clip_x0=1.0 if self.dataset.kind == "image" else None, progress=progress)
         model_fn = lambda x_t, t: model.forward(x_t, t, cache=False)  # noqa: E731
@@ -287,6 +292,9 @@ class Trainer:
             diverged = log_now and not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
             if c.eval_every and not diverged and (self.step % c.eval_every == 0 or self.step == c.steps):
                 metrics.update(self.instruments.evaluate())
+            val_every = self.instruments.val_every
+            if val_every and not diverged and (self.step % val_every == 0 or self.step == c.steps):
+                metrics.update(self.instruments.validate())
             if metrics:
                 run.log(self.step, **metrics)
                 if log_now:  # a rewrite costs ~15 ms: cheap enough that `inspect` and a crash see every log
