@@ -182,3 +182,50 @@ def test_update_to_weight_groups_weight_and_bias_by_layer(backend):
     assert to_float(ratios["b"]) == 0.0
     per_param = probes.update_to_weight(snap, before, per="param")
     assert to_float(per_param["a.weight"]) == pytest.approx(0.5 / 3.0) and to_float(per_param["a.bias"]) == 0.0
+
+
+# --- split-half ceiling -----------------------------------------------------------------------------------------------
+
+class _BiasModel:
+    """out = b for every sample (D,): dL/db of the eps-MSE is (2 / (N D)) sum_i (b - eps_i), so the gradient of a
+    half is (2 / D)(b - mean of its noise) and the split-half cosine is known from the noise alone."""
+
+    def __init__(self, bias):
+        self.params = {"bias": np.asarray(bias, dtype=np.float64)}
+        self.backend, self.dtype, self.tape = get_backend("cpu"), np.float64, []
+
+    def forward(self, x, t, cache=True):
+        if cache:
+            self.tape.append(x.shape)
+        return np.broadcast_to(self.params["bias"], x.shape).copy()
+
+    def backward(self, dout):
+        assert self.tape.pop() == dout.shape
+        return {"bias": dout.sum(axis=0)}
+
+
+def test_split_half_cosine_is_the_cosine_of_the_two_halves_gradients():
+    D, N = 50, 20
+    bias = np.linspace(-1.0, 1.0, D)
+    probe = probes.timestep_bucket_gradients(_BiasModel(bias), SCHEDULE, np.zeros((N, D)), buckets=3, rng_seed=4,
+                                             split_half=True)
+    noise = np.random.default_rng(4).standard_normal((N, D))   # the probe's first draw
+    a, b = bias - noise[:10].mean(axis=0), bias - noise[10:].mean(axis=0)
+    expected = a @ b / np.sqrt((a @ a) * (b @ b))
+    np.testing.assert_allclose(probe.split_half, expected, rtol=1e-12)   # same x0 and noise in every bucket
+    assert probe.split_half.shape == (3,)
+    plain = probes.timestep_bucket_gradients(_BiasModel(bias), SCHEDULE, np.zeros((N, D)), buckets=3, rng_seed=4)
+    assert plain.split_half is None
+    for x, y in ((plain.grad_norms, probe.grad_norms), (plain.cosine, probe.cosine), (plain.losses, probe.losses)):
+        assert x.tobytes() == y.tobytes()   # the halves change none of the other numbers
+
+
+@pytest.mark.parametrize("signal, expected", [(0.0, 0.0), (1.0, 0.5), (30.0, 1.0)])
+def test_split_half_cosine_reads_signal_against_noise(signal, expected):
+    """Halves of h samples: cos ~ |b|^2 / (|b|^2 + D / h). With |b|^2 = signal * D / h: 0 for no signal, 1/2 when
+    signal and noise are equal, ~1 when the signal dominates."""
+    D, N = 4000, 64
+    bias = np.full(D, np.sqrt(signal / (N // 2)))
+    probe = probes.timestep_bucket_gradients(_BiasModel(bias), SCHEDULE, np.zeros((N, D)), buckets=1, rng_seed=0,
+                                             split_half=True)
+    assert probe.split_half[0] == pytest.approx(expected, abs=0.05)

@@ -267,6 +267,8 @@ def test_probes_and_evaluation_are_recorded_and_do_not_change_the_run(tmp_path):
     np.testing.assert_allclose(cos, cos.T, rtol=1e-6)
     for key in ("noise_scale", "momentum_alignment", "grad_cos_consecutive", "wall_time"):
         assert np.all(np.isfinite(m[key][rows])), key
+    split = m["probe_split_half"][rows]   # the ceiling of each of the 3 buckets, a cosine
+    assert split.shape == (4, 3) and np.all(np.abs(split) <= 1)
     assert np.all(np.diff(m["wall_time"][rows]) > 0)
     layers = json.loads(run.attrs["layer_names"])
     assert m["layer_update_to_weight"].shape[1] == len(layers) and "conv_in" in layers

@@ -3,6 +3,8 @@
 Every `probe_every` steps (cost: a few extra forward/backward passes on fixed batches, none of it timed as training):
   probe_loss, probe_grad_norm, probe_cosine   the loss gradient on a fixed probe batch for each t bucket separately,
                                               its norms and the B x B cosine matrix (flattened row-major)
+  probe_split_half                            per bucket, cos of its gradient on the two halves of the probe batch:
+                                              the noise ceiling the cosines are read against
   noise_scale, noise_scale_bucket             B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), overall /
                                               per bucket
   momentum_alignment                          cos(g_t, momentum buffer or Adam's m before it absorbs g_t)
@@ -114,10 +116,11 @@ class Instruments:
         t, c = self.trainer, self.trainer.config
         kw = dict(prediction=c.prediction, weighting=c.weighting, min_snr_gamma=c.min_snr_gamma)
         bp = probes.timestep_bucket_gradients(t.model, t.schedule, self.probe_batch, buckets=c.probe_buckets,
-                                              rng_seed=c.seed + 1000, **kw)
+                                              rng_seed=c.seed + 1000, split_half=len(self.probe_batch) >= 2, **kw)
         ns = probes.noise_scale(t.model, t.schedule, self.noise_batch, micro_batches=c.noise_scale_micro_batches,
                                 buckets=c.probe_buckets, rng_seed=c.seed + 2000, **kw)
-        return {"probe_loss": bp.losses, "probe_grad_norm": bp.grad_norms, "probe_cosine": bp.cosine.ravel(),
+        split = {} if bp.split_half is None else {"probe_split_half": bp.split_half}
+        return {**split, "probe_loss": bp.losses, "probe_grad_norm": bp.grad_norms, "probe_cosine": bp.cosine.ravel(),
                 "noise_scale": float(ns.overall.b_simple),
                 "noise_scale_bucket": np.asarray(ns.per_bucket.b_simple, dtype=np.float64)}
 
