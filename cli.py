@@ -20,8 +20,9 @@ from minidiff.training.config import (DEFAULT_LR, DEVICES, MODEL_NAMES, OPTIMIZE
 from minidiff.datasets import DATASETS, DataError
 from minidiff.diffusion.losses import PREDICTIONS, WEIGHTINGS
 from minidiff.optim.lr_schedules import LR_SCHEDULES
+from minidiff.optim.momentum_schedules import MOMENTUM_SCHEDULES
 from minidiff.study.run_tools import (config_from_options, evaluate_run, format_evaluation, sample_png, summarize,
-                                write_latest_samples_png)
+                                     summary_json, write_latest_samples_png)
 from minidiff.runs.file import RunFile, RunFileError
 from minidiff.diffusion.schedules import SCHEDULES
 from minidiff.study.sweep import run_sweep, sweep_points
@@ -122,7 +123,22 @@ def _train_options(f):
         click.option("--prediction", type=click.Choice(PREDICTIONS), help="What the model predicts. "
                                                                           "[default: epsilon]"),
         click.option("--weighting", type=click.Choice(WEIGHTINGS), help="Loss weighting over t. [default: uniform]"),
-        click.option("--timestep-sampling", type=click.Choice(TIMESTEP_SAMPLING), help="[default: uniform]"),
+        click.option("--timestep-sampling", type=click.Choice(TIMESTEP_SAMPLING), help="How t is drawn: uniform, "
+                     "loss_aware (improved DDPM), stratified (every timestep bucket in every batch), bucket_cycle "
+                     "(batch k from bucket k mod K), curriculum (from the high-noise end widening to all t). "
+                     "[default: uniform]"),
+        click.option("--curriculum-steps", type=click.IntRange(min=1), help="Curriculum sampling: the step from "
+                     "which every t is drawn. [default: half the run]"),
+        click.option("--momentum-schedule", type=click.Choice(MOMENTUM_SCHEDULES), help="Move beta1 (Adam family) "
+                     "or momentum (momentum/nesterov) from its value to --momentum-final over the run. "
+                     "[default: constant]"),
+        click.option("--momentum-final", type=float, help="The momentum schedule's last value, in [0, 1)."),
+        click.option("--momentum-lr-compensation/--no-momentum-lr-compensation", default=None,
+                     help="momentum/nesterov with a momentum schedule: lr_t = lr (1 - mu_t) / (1 - mu_0), keeping the "
+                          "step lr / (1 - mu) constant. [default: off]"),
+        click.option("--bucket-momentum/--no-bucket-momentum", default=None,
+                     help="One momentum buffer / Adam first moment per timestep bucket (needs --timestep-sampling "
+                          "bucket_cycle). [default: off]"),
         click.option("--device", type=click.Choice(DEVICES), help="cpu (NumPy), gpu (CuPy), auto. "
                                                                   "[default: $MINIDIFF_DEVICE or cpu]"),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), help="[default: float32]"),
@@ -134,10 +150,16 @@ def _train_options(f):
                      "[default: 250]"),
         click.option("--probe-buckets", type=click.IntRange(min=1), help="Timestep buckets the probes split t into. "
                                                                          "[default: 5]"),
+        click.option("--probe-batch", type=click.IntRange(min=1), help="Samples in the probes' fixed batch (its "
+                     "halves give the split-half noise ceiling). [default: 64]"),
         click.option("--eval-every", type=click.IntRange(min=0), help="Measure sample quality from the EMA weights "
                      "every N steps (as minidiff evaluate does); 0 = off. [default: 500]"),
         click.option("--eval-samples", type=click.IntRange(min=2), help="Samples per evaluation (FD grows as they "
                      "shrink: compare runs at equal counts). [default: 256]"),
+        click.option("--val-every", type=click.IntRange(min=0), help="Denoising loss of the raw and EMA weights on "
+                     "fixed held-out (x0, t, noise) triples every N steps; 0 = off. [default: --eval-every]"),
+        click.option("--val-samples", type=click.IntRange(min=1), help="Held-out triples for the validation loss "
+                     "(held-out images repeated to reach it). [default: 1024]"),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -286,10 +308,12 @@ def sample_command(run_file, n, sampler, steps, eta, ema, seed, out, overwrite):
 
 @main.command("inspect", cls=_OneLineUsageErrors)
 @click.argument("run_file", type=click.Path(exists=True, dir_okay=False))
-def inspect_command(run_file):
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: config, status, steps and the last finite "
+                                                      "value of every metric (vectors as lists).")
+def inspect_command(run_file, as_json):
     """Print a run's config, status, progress, last metrics and a loss sparkline."""
     with _friendly_errors():
-        click.echo(summarize(run_file))
+        click.echo(json.dumps(summary_json(run_file), indent=1) if as_json else summarize(run_file))
 
 
 @main.command("evaluate", cls=_OneLineUsageErrors)
@@ -317,11 +341,13 @@ def evaluate_command(run_file, n, steps, seed, ema, as_json):
 @click.argument("run_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for report.md and figures/.")
 @click.option("--label", "labels", multiple=True, help="One per run file, in order. [default: the file names]")
-def compare_command(run_files, out, labels):
+@click.option("--target", type=float, help="val_loss at which the table's steps and seconds to target are read. "
+                                           "[default: the largest of the runs' best val_loss: every run reaches it]")
+def compare_command(run_files, out, labels, target):
     """Figures and a Markdown report comparing runs (runs differing only by seed are grouped: mean and spread)."""
     with _friendly_errors():
         try:
-            report = compare_runs(run_files, out, labels=list(labels) or None)
+            report = compare_runs(run_files, out, labels=list(labels) or None, target=target)
         except MissingExtra as exc:
             raise BadInput(str(exc)) from None
     click.echo(f"report: {report}")

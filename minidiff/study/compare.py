@@ -26,6 +26,7 @@ from minidiff.training.config import DEFAULT_LR, TrainConfig
 from minidiff.runs.file import RunFile
 
 QUALITY_METRICS = ("fd", "swd")     # images: Frechet distance on classifier features; points: sliced Wasserstein
+SUMMARY_METRICS = QUALITY_METRICS + ("val_loss", "val_loss_ema")   # best_ and final_ values in the tables
 FINAL_ROWS = 5                      # the final loss is the mean of the last this-many logged rows
 ADAM_FAMILY = ("adam", "adamw", "nadam")
 MOMENTUM_FAMILY = ("momentum", "nesterov")
@@ -150,7 +151,7 @@ def series(run: RunData, name: str):
 
 def final_numbers(run: RunData) -> dict:
     """steps, wall_time, final_loss (mean of the last FINAL_ROWS logged losses; NaN for a diverged run) and, for each
-    quality metric present, best_<q> (the lowest) and final_<q> (the last)."""
+    quality metric and validation loss present (SUMMARY_METRICS), best_<q> (the lowest) and final_<q> (the last)."""
     m = run.metrics
     out = {"steps": int(m["step"][-1]) if len(m["step"]) else 0,
            "wall_time": float(m["wall_time"][-1]) if len(m["wall_time"]) else float("nan"),
@@ -158,11 +159,38 @@ def final_numbers(run: RunData) -> dict:
     loss = series(run, "loss")
     if loss is not None and run.status != "diverged":
         out["final_loss"] = float(np.mean(loss[1][-FINAL_ROWS:]))
-    for q in QUALITY_METRICS:
+    for q in SUMMARY_METRICS:
         s = series(run, q)
         if s is not None:
             out[f"best_{q}"], out[f"final_{q}"] = float(np.min(s[1])), float(s[1][-1])
     return out
+
+
+def steps_to_target(metrics: dict, target: float, key: str = "val_loss"):
+    """(step, seconds) of the first logged row whose `key` is <= target, or (None, NaN) when no row reaches it.
+
+    metrics: RunFile.metrics() (plus "wall_time" from `wall_times`, as `load_run` gives). seconds is the run's
+    training time at that step: the logged wall_time of the row where the run logged one, else (a validation row off
+    the log grid) linearly interpolated between the logged rows around it (`wall_times`); NaN if none were logged.
+    """
+    values = metrics.get(key)
+    if values is None or len(values) == 0 or not np.isfinite(target):
+        return None, float("nan")
+    with np.errstate(invalid="ignore"):
+        hit = np.flatnonzero(np.isfinite(values) & (np.asarray(values, dtype=np.float64) <= target))
+    if hit.size == 0:
+        return None, float("nan")
+    row = int(hit[0])
+    wall = metrics["wall_time"] if "wall_time" in metrics else wall_times(metrics)
+    seconds = float(wall[row]) if len(wall) > row else float("nan")
+    return int(metrics["step"][row]), seconds
+
+
+def default_target(runs, key: str = "val_loss") -> float:
+    """The largest of the runs' best (lowest) `key`, diverged runs left out: a target every such run reaches. NaN
+    when no run logged the metric."""
+    best = [float(np.min(s[1])) for r in runs if r.status != "diverged" and (s := series(r, key)) is not None]
+    return max(best) if best else float("nan")
 
 
 def stats(values) -> dict:
@@ -180,9 +208,13 @@ def stats(values) -> dict:
     return {"mean": float(v.mean()), "std": std, "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
 
 
-def summarize_groups(groups) -> list:
+def summarize_groups(groups, target: float | None = None) -> list:
     """One dict per group: label, config (of its first run, seed removed), seeds, status counts, and stats() of
-    steps, wall_time, final_loss and best/final quality over the group's non-diverged runs."""
+    steps, wall_time, final_loss and best/final quality over the group's non-diverged runs; where any run logged
+    val_loss also target (the given one, or `default_target` over all the groups' runs), steps_to_target and
+    seconds_to_target (stats over the runs that reached it) and reached_target (how many did)."""
+    if target is None:
+        target = default_target([r for g in groups for r in g.runs])
     rows = []
     for g in groups:
         finals = [final_numbers(r) for r in g.runs]
@@ -193,20 +225,25 @@ def summarize_groups(groups) -> list:
         row = {"label": g.label, "config": {k: v for k, v in g.runs[0].config.items() if k != "seed"},
                "seeds": [r.config.get("seed") for r in g.runs], "status": counts,
                "paths": [str(r.path) for r in g.runs]}
-        names = ["steps", "wall_time", "final_loss"] + [f"{w}_{q}" for q in QUALITY_METRICS for w in ("best", "final")]
+        names = ["steps", "wall_time", "final_loss"] + [f"{w}_{q}" for q in SUMMARY_METRICS for w in ("best", "final")]
         for name in names:
             if name in ("steps", "wall_time", "final_loss") or any(name in f for f in finals):
                 row[name] = stats([f.get(name) for f in (finals if name in ("steps", "wall_time") else kept)])
+        if np.isfinite(target):
+            hits = [steps_to_target(r.metrics, target) for r in g.runs if r.status != "diverged"]
+            row.update(target=float(target), reached_target=sum(h[0] is not None for h in hits),
+                       steps_to_target=stats([h[0] for h in hits]), seconds_to_target=stats([h[1] for h in hits]))
         rows.append(row)
     return rows
 
 
 # --- the report -------------------------------------------------------------------------------------------------
 
-def compare_runs(paths, out_dir, labels=None) -> Path:
+def compare_runs(paths, out_dir, labels=None, target=None) -> Path:
     """Figures into out_dir/figures/ and out_dir/report.md embedding them (relative paths); returns the report path.
 
-    paths: run files (.h5). labels: one per path (default: the file stems). Needs matplotlib.
+    paths: run files (.h5). labels: one per path (default: the file stems). target: the val_loss the table's steps
+    and seconds to target are measured at (default: `default_target`, which every run reaches). Needs matplotlib.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -222,7 +259,7 @@ def compare_runs(paths, out_dir, labels=None) -> Path:
 
     made, skipped = draw_figures(groups, out_dir / "figures")
     report = out_dir / "report.md"
-    report.write_text(render_report(runs, groups, made, skipped, out_dir), encoding="utf-8")
+    report.write_text(render_report(runs, groups, made, skipped, out_dir, target), encoding="utf-8")
     return report
 
 
@@ -267,13 +304,32 @@ def _common_settings(runs) -> str:
     return ", ".join(parts)
 
 
-def _final_table(runs, groups) -> list:
-    rows = summarize_groups(groups)
+def target_note(rows, given) -> str:
+    """One line saying which val_loss target the steps/seconds columns use ("" when no run logged val_loss)."""
+    target = next((r["target"] for r in rows if "target" in r), None)
+    if target is None:
+        return ""
+    how = "given" if given is not None else "the largest of the runs' best val_loss, so every run reaches it"
+    return f"Target val_loss {target:.6g} ({how}); steps and seconds to target are over the runs that reached it."
+
+
+def target_cells(row) -> list:
+    if "target" not in row:
+        return ["—", "—"]
+    n = len(row["seeds"]) - row["status"].get("diverged", 0)
+    reached = f" ({row['reached_target']}/{n} reached)" if row["reached_target"] < n else ""
+    return [fmt_stats(row["steps_to_target"]) + reached, fmt_stats(row["seconds_to_target"])]
+
+
+def _final_table(runs, groups, target=None) -> tuple:
+    rows = summarize_groups(groups, target)
     extra = _differing_keys(runs)
-    quality = [f"{w}_{q}" for q in QUALITY_METRICS for w in ("best", "final") if any(f"{w}_{q}" in r for r in rows)]
+    quality = [f"{w}_{q}" for q in SUMMARY_METRICS for w in ("best", "final") if any(f"{w}_{q}" in r for r in rows)]
     head = ["run", "runs (status)", "optimizer", "lr", "β1 / μ"] + extra + ["steps reached", "wall time (s)",
                                                                            f"final loss (last {FINAL_ROWS} logs)"]
     head += [q.replace("_", " ") for q in quality]
+    with_target = any("target" in r for r in rows)
+    head += ["steps to target", "seconds to target"] if with_target else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g, row in zip(groups, rows):
         c = g.runs[0].config
@@ -282,19 +338,21 @@ def _final_table(runs, groups) -> list:
         cells += [json.dumps(c.get(k)) if isinstance(c.get(k), (dict, list)) else str(c.get(k)) for k in extra]
         cells += [fmt_stats(row["steps"]), fmt_stats(row["wall_time"]), fmt_stats(row["final_loss"])]
         cells += [fmt_stats(row.get(q)) for q in quality]
+        cells += target_cells(row) if with_target else []
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines, target_note(rows, target)
 
 
-def render_report(runs, groups, made, skipped, out_dir) -> str:
+def render_report(runs, groups, made, skipped, out_dir, target=None) -> str:
     """report.md: the table of final numbers, the figures with captions, what was not plotted and why, the runs."""
     seeds = sum(len(g.runs) > 1 for g in groups)
+    table, note = _final_table(runs, groups, target)
     lines = ["# Run comparison", "",
              f"{len(runs)} run(s) in {len(groups)} group(s)"
              + (f"; {seeds} group(s) of seeds show mean ± sample std [min, max] over seeds, diverged runs excluded"
                 if seeds else "") + ".", "",
              f"Common settings (others at their defaults): {_common_settings(runs)}", "",
-             "## Final numbers", ""] + _final_table(runs, groups) + [""]
+             "## Final numbers", ""] + ([note, ""] if note else []) + table + [""]
     lines += ["## Figures", ""]
     for title, rel, caption in made:
         lines += [f"### {title}", "", f"![{title}]({rel})", "", caption, ""]

@@ -219,7 +219,8 @@ METRIC_LABELS = {"loss": "training loss (EMA-smoothed)", "timestep_loss": "loss"
                  "cos_grad_momentum": "cos(g, momentum)", "momentum_alignment": "cos(g, buffer) (probe)",
                  "grad_cos_consecutive": "cos(g_t, g_t-1)", "update_to_weight": "|Δθ| / |θ|",
                  "fd": "Frechet distance (lower is better)", "swd": "sliced Wasserstein (lower is better)"}
-ALIGNMENT = ("grad_norm", "cos_grad_momentum", "momentum_alignment", "grad_cos_consecutive", "update_to_weight")
+ALIGNMENT = ("grad_norm", "cos_grad_momentum", "momentum_alignment", "grad_cos_consecutive", "update_to_weight",
+             "momentum")
 
 # (title, file, metrics it draws (any present suffices), drawer, caption)
 FIGURES = (
@@ -231,15 +232,23 @@ FIGURES = (
      "Probe: the gradient norm of each t bucket's loss on the fixed probe batch."),
     ("Cosine between timestep buckets' gradients", "probe_cosine.png", ("probe_cosine",), _draw_cosines,
      "Probe: cosine similarity of the buckets' gradients early, midway and late (blue: opposing directions)."),
+    ("Split-half ceiling per timestep bucket", "probe_split_half.png", ("probe_split_half",), _draw_bucket_lines,
+     "Probe: cosine between each bucket's gradient on the two halves of the probe batch, the ceiling its cosines with "
+     "other buckets are read against (near 0: the bucket's gradient is mostly noise at this batch size)."),
     ("Gradient noise scale", "noise_scale.png", ("noise_scale",), _draw_scalars,
      "B_simple = tr(Σ)/|G|² (McCandlish et al. 2018) from micro-batches at the same weights."),
     ("Noise scale per timestep bucket", "noise_scale_bucket.png", ("noise_scale_bucket",), _draw_bucket_lines,
      "B_simple of each t bucket's gradient."),
     ("Optimizer dynamics", "alignment.png", ALIGNMENT, _draw_scalars,
      "Pre-clip gradient norm, cosine between the gradient and the momentum buffer (Adam: first moment), between "
-     "consecutive gradients, and the global update-to-weight ratio."),
+     "consecutive gradients, the global update-to-weight ratio, and the scheduled momentum (β1 or μ) if any."),
     ("Update-to-weight ratio per layer", "layer_update_to_weight.png", ("layer_update_to_weight",), _draw_layers,
      "|Δθ|/|θ| of each layer, averaged over the last third of training and over seeds."),
+    ("Validation loss", "val_loss.png", ("val_loss", "val_loss_ema"), _draw_scalars,
+     "Denoising loss of the raw and the EMA weights on fixed held-out (x0, t, noise) triples, t stratified over the "
+     "timestep buckets."),
+    ("Validation loss per timestep bucket", "val_loss_bucket.png", ("val_loss_bucket",), _draw_heatmaps,
+     "The raw weights' held-out loss in each t bucket over training (mean over seeds; bucket 0 = lowest t)."),
     ("Sample quality", "quality.png", QUALITY_METRICS, _draw_scalars,
      "Quality of EMA samples during training (lower is better)."),
     ("Samples", "samples.png", ("samples",), _draw_samples, "The last stored samples of each run (EMA weights)."),

@@ -195,6 +195,32 @@ def summarize(path) -> str:
     return "\n".join(lines)
 
 
+def last_finite(values: np.ndarray):
+    """The last finite value of a metric column: a float for (R,), a list for (R, K) (the last row with any finite
+    entry; its non-finite entries as None); None when there is none."""
+    values = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(values) if values.ndim == 1 else np.isfinite(values).any(axis=1)
+    if not ok.any():
+        return None
+    last = values[np.flatnonzero(ok)[-1]]
+    if values.ndim == 1:
+        return float(last)
+    return [float(x) if math.isfinite(x) else None for x in last.tolist()]
+
+
+def summary_json(path) -> dict:
+    """What `minidiff inspect --json` prints: run, status, status_message, config, steps (planned, checkpoint, last
+    logged) and metrics: the last finite value of every logged metric (scalars as numbers, vectors as lists)."""
+    run = RunFile.open(path, mode="r")
+    attrs, metrics = run.attrs, run.metrics()
+    steps = metrics.get("step", np.zeros(0))
+    return {"run": str(path), "status": attrs.get("status"), "status_message": attrs.get("status_message", ""),
+            "config": run.config,
+            "step": {"planned": run.config.get("steps"), "checkpoint": run.checkpoint_step,
+                     "last_logged": int(steps[-1]) if len(steps) else None},
+            "metrics": {k: last_finite(v) for k, v in sorted(metrics.items()) if k != "step"}}
+
+
 def _fmt(x) -> str:
     x = float(x)
     if not math.isfinite(x):

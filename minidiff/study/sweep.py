@@ -29,8 +29,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import fields
 from pathlib import Path
 
-from minidiff.study.compare import (ADAM_FAMILY, MOMENTUM_FAMILY, QUALITY_METRICS, MissingExtra, compare_runs, fmt_stats,
-                      group_runs, load_run, resolved_lr, summarize_groups)
+from minidiff.study.compare import (ADAM_FAMILY, MOMENTUM_FAMILY, SUMMARY_METRICS, MissingExtra, compare_runs,
+                                    fmt_stats, group_runs, load_run, resolved_lr, summarize_groups, target_cells,
+                                    target_note)
 from minidiff.training.config import OPTIMIZER_NAMES, TrainConfig, load_config_file
 from minidiff.runs.file import RunFile, RunFileError
 from minidiff.training.trainer import TrainingDiverged, TrainingInterrupted, resume_run, start_run
@@ -44,13 +45,19 @@ _FIELDS = [f.name for f in fields(TrainConfig)]
 
 def applies(axis: str, optimizer: str) -> bool:
     """Whether a hyperparameter means anything to an optimizer (beta1 only to the Adam family, momentum only to
-    heavy-ball and Nesterov, dampening only to heavy-ball); the others are kept at their base value, not multiplied."""
+    heavy-ball and Nesterov, dampening only to heavy-ball, a momentum schedule to any optimizer with momentum, its lr
+    compensation to heavy-ball and Nesterov, per-bucket first moments not to sgd or nadam); the others are kept at
+    their base value, not multiplied."""
     if axis in ("beta1", "beta2", "eps"):
         return optimizer in ADAM_FAMILY
     if axis == "momentum":
         return optimizer in MOMENTUM_FAMILY
     if axis == "dampening":
         return optimizer == "momentum"
+    if axis in ("momentum_schedule", "momentum_final", "bucket_momentum"):
+        return optimizer != "sgd" and (axis != "bucket_momentum" or optimizer != "nadam")
+    if axis == "momentum_lr_compensation":
+        return optimizer in MOMENTUM_FAMILY
     return True
 
 
@@ -317,26 +324,34 @@ def _csv_row(row: dict) -> dict:
            "momentum": c.get("momentum") if c.get("optimizer") in MOMENTUM_FAMILY else "",
            "seeds": len(row["seeds"]), "finished": row["status"].get("finished", 0),
            "diverged": row["status"].get("diverged", 0)}
-    for name in ["final_loss"] + [f"{w}_{q}" for q in QUALITY_METRICS for w in ("best", "final")] + ["wall_time"]:
+    for name in ["final_loss"] + [f"{w}_{q}" for q in SUMMARY_METRICS for w in ("best", "final")] + ["wall_time"]:
         if name in row:
+            out.update({f"{name}_{k}": row[name][k] for k in ("mean", "std", "min", "max")})
+    if "target" in row:
+        out.update(target=row["target"], reached_target=row["reached_target"])
+        for name in ("steps_to_target", "seconds_to_target"):
             out.update({f"{name}_{k}": row[name][k] for k in ("mean", "std", "min", "max")})
     return out
 
 
 def _results_markdown(rows, results, note) -> str:
-    names = [f"{w}_{q}" for q in QUALITY_METRICS for w in ("best", "final")]
+    names = [f"{w}_{q}" for q in SUMMARY_METRICS for w in ("best", "final")]
     quality = [q for q in names if any(q in r for r in rows)]
+    with_target = any("target" in r for r in rows)
     head = ["config", "seeds", "finished", "diverged", "final loss"] + [q.replace("_", " ") for q in quality]
-    head += ["wall time (s)"]
+    head += ["wall time (s)"] + (["steps to target", "seconds to target"] if with_target else [])
     lines = ["# Sweep results", "", "Per config: mean ± sample std [min, max] over seeds; diverged runs are counted, "
              "not averaged. Figures: [report.md](report.md).", ""]
-    if note:
-        lines += [note, ""]
+    for line in (target_note(rows, None), note):
+        if line:
+            lines += [line, ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"], str(len(r["seeds"])), str(r["status"].get("finished", 0)),
                  str(r["status"].get("diverged", 0)), fmt_stats(r["final_loss"])]
         cells += [fmt_stats(r.get(q)) for q in quality] + [fmt_stats(r["wall_time"])]
+        if with_target:
+            cells += target_cells(r)
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Points", "", "| point | status | action | seconds | message |", "|---|---|---|---|---|"]
     for p in results:
