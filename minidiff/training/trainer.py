@@ -148,7 +148,8 @@ class Trainer:
         return diag, pending
 
     def _schedule_momentum(self, step: int) -> None:
-        """β1 or μ of this step from the momentum schedule; with compensation, lr_t = lr_t (1 − μ_t) / (1 − μ_0)."""
+        """β1 or μ of this step from the momentum schedule; with compensation, the scheduled lr times
+        (1 − μ_t) / (1 − μ_0)."""
         set_momentum(self.optimizer, self.momentum_schedule(step))
         if self.config.momentum_lr_compensation:
             self.optimizer.lr = self.optimizer.lr * self.momentum_schedule.lr_factor(step)
