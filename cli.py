@@ -26,7 +26,8 @@ from minidiff.study.run_tools import (config_from_options, evaluate_run, format_
 from minidiff.runs.file import RunFile, RunFileError
 from minidiff.diffusion.schedules import SCHEDULES
 from minidiff.study.sweep import run_sweep, sweep_points
-from minidiff.training.trainer import TrainingDiverged, TrainingInterrupted, resume_run, start_run, thread_count_note
+from minidiff.training.session import resume_run, start_run, thread_count_note
+from minidiff.training.trainer import TrainingDiverged, TrainingInterrupted
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

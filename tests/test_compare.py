@@ -12,7 +12,7 @@ from minidiff.study.compare import (FINAL_ROWS, Group, MissingExtra, RunData, co
 from minidiff.study.figures import FIGURES, smooth, stack
 from minidiff.training.config import TrainConfig
 from minidiff.runs.file import RunFile
-from minidiff.training.trainer import start_run
+from minidiff.training.session import start_run
 
 pytest.importorskip("matplotlib", reason="compare figures need matplotlib (pip install 'minidiff[plots]')")
 pytestmark = pytest.mark.usefixtures("one_blas_thread")

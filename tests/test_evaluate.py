@@ -12,7 +12,7 @@ from cli_checks import assert_one_line_error
 from minidiff.training.config import TrainConfig
 from minidiff.study.run_tools import evaluate_run
 from minidiff.runs.file import RunFile
-from minidiff.training.trainer import start_run
+from minidiff.training.session import start_run
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 

@@ -263,7 +263,7 @@ def test_turning_graphs_off_between_a_replayed_forward_and_its_backward_keeps_th
 def test_a_full_training_run_with_probes_samples_and_evaluation_gives_the_eager_runs_bits(monkeypatch, tmp_path):
     from minidiff.execution import graphs as graphs_gpu
     from minidiff.training.config import TrainConfig
-    from minidiff.training.trainer import start_run
+    from minidiff.training.session import start_run
     config = TrainConfig(dataset="digits", model="unet", batch_size=16, steps=6, timesteps=100, device="gpu",
                          log_every=2, ckpt_every=3, sample_every=3, sample_count=4, sample_steps=3, probe_every=2,
                          probe_batch=8, eval_every=3, eval_samples=16, eval_steps=3,

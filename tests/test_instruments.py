@@ -6,7 +6,8 @@ import pytest
 from minidiff.backend import to_numpy
 from minidiff.training.config import TrainConfig
 from minidiff.runs.file import RunFile
-from minidiff.training.trainer import Trainer, resume_run, start_run
+from minidiff.training.session import resume_run, start_run
+from minidiff.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 

@@ -10,7 +10,7 @@ import pytest
 from minidiff.study.compare import MissingExtra
 from minidiff.runs.file import RunFile
 from minidiff.study.sweep import expand_grid, load_grid, run_point, run_sweep, sweep_points
-from minidiff.training.trainer import start_run
+from minidiff.training.session import start_run
 
 # Probes and evaluation off: the sweep machinery is under test here, and every figure costs time.
 BASE = dict(dataset="moons", timesteps=50, batch_size=64, steps=12, log_every=4, ckpt_every=6, sample_every=100,

@@ -14,7 +14,8 @@ import pytest
 
 from minidiff.training.config import TrainConfig
 from minidiff.runs.file import RunFile
-from minidiff.training.trainer import Trainer, TrainingDiverged, resume_run, start_run
+from minidiff.training.session import resume_run, start_run
+from minidiff.training.trainer import Trainer, TrainingDiverged
 
 TINY_UNET = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4)
 
@@ -184,7 +185,7 @@ _LONG_RUN = dict(dataset="moons", batch_size=32, steps=100000, timesteps=50, log
 _KILL_SCRIPT = """
 import json, sys
 from minidiff.training.config import TrainConfig
-from minidiff.training.trainer import start_run
+from minidiff.training.session import start_run
 trainer, run = start_run(TrainConfig(**json.loads(sys.argv[2])), sys.argv[1])
 print("started", flush=True)
 trainer.train(run, 100000)

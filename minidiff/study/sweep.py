@@ -34,7 +34,8 @@ from minidiff.study.compare import (ADAM_FAMILY, MOMENTUM_FAMILY, SUMMARY_METRIC
                                     target_note)
 from minidiff.training.config import OPTIMIZER_NAMES, TrainConfig, load_config_file
 from minidiff.runs.file import RunFile, RunFileError
-from minidiff.training.trainer import TrainingDiverged, TrainingInterrupted, resume_run, start_run
+from minidiff.training.session import resume_run, start_run
+from minidiff.training.trainer import TrainingDiverged, TrainingInterrupted
 
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
                          "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
