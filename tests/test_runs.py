@@ -17,22 +17,22 @@ from minidiff.backend.strict import StrictArray
 
 
 def _state(seed=0):
+    """A state tree with every kind of leaf; finite, as a run file's checkpoint must be."""
     rng = np.random.default_rng(seed)
     rng.standard_normal(7)  # move the PCG64 state away from its seed-derived start
-    nan_payload = np.array([np.nan, -0.0, 1e-45], dtype=np.float32)
-    nan_payload.view(np.uint32)[0] = 0x7FC01234  # a NaN with a payload: must survive bit for bit
     return {
         "step": 123,
         "params": {"conv1": {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
                              "b": rng.standard_normal(4)},
-                   "embed": np.arange(12, dtype=np.int32).reshape(3, 4), "odd": nan_payload},
+                   "embed": np.arange(12, dtype=np.int32).reshape(3, 4),
+                   "odd": np.array([-0.0, 1e-45, 3e38], dtype=np.float32)},  # signed zero, subnormal, near max
         "optimizer": {"t": np.int64(41), "m": [rng.standard_normal(5), rng.standard_normal((2, 2))],
                       "beta1": 0.9, "amsgrad": False, "fortran": np.asfortranarray(rng.standard_normal((3, 2)))},
         "rng": rng.bit_generator.state,
         "mt": np.random.MT19937(5).state,
         "data": {"epoch": 3, "permutation": rng.permutation(10), "empty": np.zeros((0, 4)), "flags": np.array([True])},
         "name": "unet — ε-prediction", "nothing": None, "pair": (1, "a", np.float16(2.5)), "scalar0d": np.array(2.0),
-        "huge": 2 ** 127 + 5, "inf": float("inf"), "z": np.complex64(1 + 2j),
+        "huge": 2 ** 127 + 5, "tiny": 5e-324, "z": np.complex64(1 + 2j),
     }
 
 
@@ -71,6 +71,29 @@ def test_checkpoint_round_trip_is_bit_exact_including_128bit_rng_state(tmp_path)
     restored, original = np.random.default_rng(), np.random.default_rng()
     restored.bit_generator.state, original.bit_generator.state = back["rng"], state["rng"]
     assert restored.standard_normal(5).tobytes() == original.standard_normal(5).tobytes()
+
+
+def test_the_tree_store_keeps_nan_payloads_and_infinities_that_a_checkpoint_refuses(tmp_path):
+    from minidiff.runs.tree import read_tree, write_tree
+
+    nan_payload = np.array([np.nan, -0.0, np.inf], dtype=np.float32)
+    nan_payload.view(np.uint32)[0] = 0x7FC01234  # a NaN with a payload: must survive bit for bit
+    tree = {"odd": nan_payload, "inf": float("-inf"), "nan": float("nan"), "n": np.float64(np.nan)}
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        write_tree(f, "t", tree)
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        _assert_identical(tree, read_tree(f["t"]))
+    run = _new(tmp_path)
+    for where, bad in [("params/w", np.array([1.0, np.nan])), ("lr", float("inf")), ("m/0", np.float32(-np.inf))]:
+        path = where.split("/")
+        state = {"step": 1}
+        node = state
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = bad
+        with pytest.raises(ValueError, match=f"checkpoint/state/{where} holds (NaN|Inf)"):
+            run.save_checkpoint(state)
+    assert run.checkpoint_step is None and RunFile.open(tmp_path / "run.h5").checkpoint_step is None
 
 
 def test_device_arrays_in_a_checkpoint_come_back_as_equal_host_arrays(tmp_path):
@@ -210,13 +233,23 @@ def test_set_config_replaces_the_stored_config_and_keeps_the_checkpoint(tmp_path
         run.set_config({"steps": object()})
 
 
-def test_read_only_run_refuses_writes_and_resume_needs_a_checkpoint(tmp_path):
-    _new(tmp_path).log(1, loss=1.0)
+def test_read_only_run_refuses_writes_and_resume_without_a_checkpoint_starts_over(tmp_path):
+    run = _new(tmp_path)
+    run.log(1, loss=1.0)
+    run.add_samples(1, np.zeros((1, 1, 2, 2), np.uint8))
+    run.set_status("interrupted", "killed")
+    run.close()
     ro = RunFile.open(tmp_path / "run.h5")
     with pytest.raises(RunFileError, match="read-only"):
         ro.log(2, loss=1.0)
     with pytest.raises(RunFileError, match="holds no checkpoint"):
-        RunFile.open(tmp_path / "run.h5", mode="a").resume()
+        ro.load_checkpoint()
+    assert len(ro.metrics()["step"]) == 1 and ro.sample_steps() == [1]
+    again = RunFile.open(tmp_path / "run.h5", mode="a")
+    assert again.resume() is None  # nothing to continue from: step 0, with the stored config
+    back = RunFile.open(tmp_path / "run.h5")
+    assert back.status == "running" and len(back.metrics()["step"]) == 0 and back.sample_steps() == []
+    assert back.config == {"lr": 1e-3, "optimizer": "adam"}
 
 
 def test_leftover_tmp_from_a_killed_flush_is_ignored_then_removed(tmp_path):
@@ -267,6 +300,136 @@ def test_damaged_files_give_one_clear_error_naming_the_damaged_part(tmp_path):
         RunFile.open(tmp_path / "other.h5")
     with pytest.raises(RunFileError, match="run file not found"):
         RunFile.open(tmp_path / "missing.h5")
+
+
+def _edit(path, fn):
+    """Change a run file in place with h5py, as a tool or a hand would: checksums stay valid where fn updates them."""
+    with h5py.File(path, "r+") as f:
+        fn(f)
+
+
+def _set_leaf(f, name, value):
+    """Replace a checkpoint leaf and its checksum: damage that only the content checks can see."""
+    from minidiff.runs.tree import crc32_of
+
+    ds = f[name]
+    value = np.asarray(value, dtype=ds.dtype).reshape(ds.shape)
+    ds[...] = value
+    ds.attrs["crc32"] = crc32_of(value)
+
+
+def _edited_cases():
+    """(name, edit, fragment of the one-line error) for damage that keeps every checksum valid."""
+    nan_w = lambda f: _set_leaf(f, "checkpoint/state/params/w", np.full(1000, np.nan))  # noqa: E731
+    inf_m = lambda f: _set_leaf(f, "checkpoint/state/optimizer/exp_avg_sq", [np.inf, 1.0])  # noqa: E731
+
+    def new_sample(name):
+        return lambda f: f["samples"].create_dataset(name, data=np.zeros((1, 1, 2, 2), np.uint8))
+    return [
+        ("format_version array", lambda f: f.attrs.__setitem__("format_version", [1, 2]), "'format_version'"),
+        ("format_version text", lambda f: f.attrs.__setitem__("format_version", "1"), "'format_version'"),
+        ("config list", lambda f: f.attrs.__setitem__("config", "[1, 2]"), "'config' is damaged (a JSON object"),
+        ("config number", lambda f: f.attrs.__setitem__("config", "5"), "'config' is damaged"),
+        ("status bogus", lambda f: f.attrs.__setitem__("status", "flying"), "'status' is damaged"),
+        ("step text", lambda f: f["checkpoint"].attrs.__setitem__("step", "abc"), "attribute 'step' is damaged"),
+        ("step negative", lambda f: f["checkpoint"].attrs.__setitem__("step", -3), "attribute 'step' is damaged"),
+        ("step disagrees", lambda f: f["checkpoint"].attrs.__setitem__("step", 12), "(12) and checkpoint/state/step"),
+        ("samples abc", new_sample("abc"), "samples/abc is damaged (a step number"),
+        ("NaN parameter", nan_w, "checkpoint/state/params/w holds NaN (1000 of 1000 values)"),
+        ("Inf moment", inf_m, "checkpoint/state/optimizer/exp_avg_sq holds Inf (1 of 2 values)"),
+        ("metric step back", lambda f: _set_leaf(f, "metrics/step", [0, 1, 1, 3, 4]), "metrics/step is damaged"),
+    ]
+
+
+@pytest.mark.parametrize("name, edit, fragment", _edited_cases(), ids=[c[0] for c in _edited_cases()])
+def test_edited_files_with_valid_checksums_are_refused_naming_the_part_by_every_open(tmp_path, name, edit,
+                                                                                     fragment):
+    run = _new(tmp_path)
+    for s in range(5):
+        run.log(s, loss=float(s))
+    run.save_checkpoint({"step": 4, "params": {"w": np.ones(1000, np.float32)},
+                         "optimizer": {"exp_avg_sq": np.ones(2)}})
+    run.add_samples(4, np.zeros((1, 1, 2, 2), np.uint8))
+    run.close()
+    path = tmp_path / "run.h5"
+    _edit(path, edit)
+    before = path.read_bytes()
+    for mode in ("r", "a"):
+        with pytest.raises(RunFileError) as err:
+            RunFile.open(path, mode=mode)
+        message = str(err.value)
+        assert message.startswith(f"{path}: ") and fragment in message and "\n" not in message, message
+    assert path.read_bytes() == before and not (tmp_path / "run.h5.lock").exists()
+
+
+_SECOND_WRITER = textwrap.dedent("""
+    import sys
+    from minidiff.runs.file import RunFile, RunFileError
+    try:
+        RunFile.open(sys.argv[1], mode="a")
+    except RunFileError as exc:
+        print("refused:", exc)
+    else:
+        print("opened")
+    run = RunFile.open(sys.argv[1])   # a reader is never refused
+    print("read", run.checkpoint_step)
+""")
+
+
+def test_one_writer_per_run_file_readers_still_read_and_the_lock_dies_with_its_process(tmp_path):
+    from minidiff.runs import lock
+
+    path = tmp_path / "run.h5"
+    run = _new(tmp_path)
+    run.save_checkpoint({"step": 2})
+    assert lock.holder(path) == os.getpid() and (tmp_path / "run.h5.lock").exists()
+    again = RunFile.open(path, mode="a")   # the same process: the lock is shared, not refused
+    other = subprocess.run([sys.executable, "-c", _SECOND_WRITER, str(path)], capture_output=True, text=True,
+                           check=True).stdout
+    assert f"refused: {path} is being written by process {os.getpid()}" in other and "read 2" in other
+    again.close()
+    assert lock.holder(path) == os.getpid()   # `run` still holds it
+    run.close()
+    assert lock.holder(path) is None and not (tmp_path / "run.h5.lock").exists()
+    assert "opened" in subprocess.run([sys.executable, "-c", _SECOND_WRITER, str(path)], capture_output=True,
+                                      text=True, check=True).stdout
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from minidiff.runs.file import RunFile; "
+                               "r = RunFile.open(sys.argv[1], mode='a'); print('held', flush=True); time.sleep(60)",
+                               str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert lock.holder(path) == holder.pid
+        with pytest.raises(RunFileError, match=f"being written by process {holder.pid}"):
+            RunFile.open(path, mode="a")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.holder(path) is None   # SIGKILL leaves a lock file that locks nothing
+    RunFile.open(path, mode="a").close()
+
+
+def test_a_write_the_file_system_refuses_is_a_storage_error_and_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    import errno
+    from minidiff.runs import file as runfile
+    from minidiff.runs.file import StorageError
+
+    run = _new(tmp_path)
+    run.save_checkpoint({"step": 2, "w": np.ones(3)})
+    before = (tmp_path / "run.h5").read_bytes()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(runfile.os, "replace", full)
+    run.log(3, loss=1.0)
+    with pytest.raises(StorageError, match=f"cannot write {tmp_path / 'run.h5'}: No space left on device") as err:
+        run.flush()
+    assert err.value.errno == errno.ENOSPC and isinstance(err.value, OSError)
+    assert (tmp_path / "run.h5").read_bytes() == before and not (tmp_path / "run.h5.tmp").exists()
+    monkeypatch.undo()
+    run.discard_pending()
+    run.set_status("interrupted", "disk full")
+    back = RunFile.open(tmp_path / "run.h5")
+    assert back.status == "interrupted" and len(back.metrics()["step"]) == 0 and back.checkpoint_step == 2
 
 
 def test_checkpoint_of_10mb_is_rewritten_whole_without_leaking_space_or_stalling(tmp_path):

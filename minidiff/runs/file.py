@@ -14,10 +14,16 @@ This module therefore never modifies a run file in place. Every flush writes a c
 renames it over the original with os.replace (atomic on POSIX and Windows) and fsyncs the directory. A reader, or a
 run killed at any instant, sees either the old complete file or the new complete one. Rebuilding (rather than copying
 the file and editing the copy) also keeps the file compact: HDF5 does not reclaim the space of deleted objects.
-Between flushes the file is closed, so other processes can inspect it while a run trains.
+Between flushes the file is closed, so other processes can inspect it while a run trains. One process writes a run
+at a time: a writable RunFile holds the run's writer lock (minidiff.runs.lock) from create() or open(mode="a") until
+close() (or until it is garbage-collected, or its process ends).
 
-RunFile decides when a file is rebuilt and how it is published; minidiff.runs.layout writes and verifies
-the parts (metrics, checkpoint, samples). RunFileError and the format constants are importable from here.
+Errors: RunFileError (the file is missing, damaged, locked by another writer: the input's fault) and StorageError
+(an OSError: the file system refused a write, e.g. a full disk; the previous file is then left as it was).
+
+RunFile decides when a file is rebuilt and how it is published; minidiff.runs.layout writes the parts (metrics,
+checkpoint, samples) and minidiff.runs.validate checks a whole file on open. RunFileError, StorageError and the format
+constants are importable from here.
 """
 
 from __future__ import annotations
@@ -33,13 +39,15 @@ import numpy as np
 
 from minidiff import __version__
 from minidiff.backend import to_numpy
-from minidiff.runs.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, RunFileError, host_attr, read_and_verify,
-                         read_checked, write_metrics, write_samples)
-from minidiff.runs.tree import TreeError, read_tree, write_tree
+from minidiff.runs import lock
+from minidiff.runs.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, STATUSES, RunFileError, StorageError,
+                                  host_attr, write_metrics, write_samples)
+from minidiff.runs.lock import RunFileLockedError
+from minidiff.runs.tree import write_tree
+from minidiff.runs.validate import nonfinite_leaf, read_checked, read_state, storage_error, validate_file
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "STATUSES", "RunFile", "RunFileError", "RunFileExistsError"]
-
-STATUSES = ("running", "finished", "diverged", "interrupted")
+__all__ = ["FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "STATUSES", "RunFile", "RunFileError", "RunFileExistsError",
+           "RunFileLockedError", "StorageError"]
 
 
 class RunFileExistsError(RunFileError, FileExistsError):
@@ -64,6 +72,15 @@ def _fsync_path(path, directory=False) -> None:
         os.close(fd)
 
 
+def _acquire(path) -> None:
+    try:
+        lock.acquire(path)
+    except RunFileError:
+        raise
+    except OSError as exc:  # the lock file cannot be made: nothing could be written beside it either
+        raise storage_error(path, exc, "lock") from None
+
+
 class RunFile:
     """A run file on disk plus its pending (not yet flushed) metric rows. Build with create() or open()."""
 
@@ -75,6 +92,7 @@ class RunFile:
         self._pending = []           # [(step, {name: float | 1-D array})] logged since the last flush
         self._widths = {k: (v.shape[1] if v.ndim == 2 else None) for k, v in metrics.items() if k != "step"}
         self._ckpt_step = ckpt_step
+        self._locked = False
 
     # --- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -92,33 +110,51 @@ class RunFile:
             config_json = json.dumps(config)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"config must be JSON-serialisable: {exc}") from None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(path.parent, exc, "create the folder") from None
         attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "minidiff_version": __version__,
                  "created": _now(), "command_line": command_line, "config": config_json, "status": "running",
                  "status_message": "", "backend": backend, "numpy_version": np.__version__,
                  "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
                  "python_version": platform.python_version(), "platform": platform.platform()}
         attrs.update({f"{k}_version": str(v) for k, v in (versions or {}).items()})
-        path.parent.mkdir(parents=True, exist_ok=True)
         run = cls(path, True, attrs, {"step": np.zeros(0, dtype=np.int64)}, None)
-        run._remove_tmp()
-        run._rewrite(publish="overwrite" if overwrite else "new")  # nothing of an overwritten run is kept
+        run._lock()
+        try:
+            run._remove_tmp()
+            run._rewrite(publish="overwrite" if overwrite else "new")  # nothing of an overwritten run is kept
+        except BaseException:
+            run._unlock()
+            raise
         return run
 
     @classmethod
     def open(cls, path, mode: str = "r") -> "RunFile":
         """Open an existing run file: mode "r" to inspect or sample, "a" to continue writing (see resume()).
 
-        The whole file is checked on open: root attributes, every metric, every checkpoint leaf's checksum and every
-        sample; damage raises RunFileError naming the part. A leftover `<name>.h5.tmp` (a flush that was killed)
-        is ignored, and removed in mode "a".
+        The whole file is checked on open (minidiff.runs.validate): root attributes, every metric, every checkpoint
+        leaf's checksum and finiteness, every sample; damage raises RunFileError naming the part. Mode "a" first
+        takes the writer lock (RunFileLockedError when another process writes the run). A leftover `<name>.h5.tmp`
+        (a flush that was killed) is ignored, and removed in mode "a". Opening changes no byte of the file.
         """
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         path = Path(path)
-        attrs, metrics, ckpt_step = read_and_verify(path)
-        run = cls(path, mode == "a", attrs, metrics, ckpt_step)
-        if run.writable:
+        if mode == "r":
+            return cls(path, False, *validate_file(path))
+        _acquire(path)   # before reading: no other writer can change the file between the check and our writes
+        run = None
+        try:
+            run = cls(path, True, *validate_file(path))
+            run._locked = True
             run._remove_tmp()
+        except BaseException:
+            if run is not None:
+                run._locked = False
+            lock.release(path)
+            raise
         return run
 
     def __enter__(self):
@@ -128,9 +164,25 @@ class RunFile:
         self.close()
 
     def close(self) -> None:
-        """Flush pending metrics (the file itself is only ever open inside a flush)."""
-        if self.writable and self._pending:
-            self.flush()
+        """Flush pending metrics (the file itself is only ever open inside a flush) and give up the writer lock."""
+        try:
+            if self.writable and self._pending:
+                self.flush()
+        finally:
+            self._unlock()
+
+    def __del__(self):
+        self._unlock()
+
+    def _lock(self) -> None:
+        if not self._locked:
+            _acquire(self.path)
+            self._locked = True
+
+    def _unlock(self) -> None:
+        if getattr(self, "_locked", False):
+            self._locked = False
+            lock.release(self.path)
 
     # --- properties ----------------------------------------------------------------------------------------------
     @property
@@ -223,39 +275,55 @@ class RunFile:
         replacing the previous one atomically together with all pending metrics.
 
         step defaults to state["step"]; resume() keeps the metric rows and samples up to it. Device arrays are
-        copied to the host; load_checkpoint() returns host NumPy arrays, bit for bit.
+        copied to the host; load_checkpoint() returns host NumPy arrays, bit for bit. ValueError, nothing written,
+        when a floating-point leaf is NaN or Inf: readers refuse such a checkpoint as damaged.
         """
         self._require_writable()
         if step is None:
             if not isinstance(state, dict) or "step" not in state:
                 raise ValueError("save_checkpoint needs step= or a state dict with a 'step' entry")
             step = state["step"]
+        bad = nonfinite_leaf(state)
+        if bad is not None:   # a reader would refuse it (minidiff.runs.validate): never write one
+            raise ValueError(f"{self.path}: checkpoint/state/{bad[0]} holds {bad[1]}; a checkpoint must be finite")
         self._rewrite(checkpoint=(state, int(to_numpy(step))))
 
     def load_checkpoint(self) -> dict:
-        """The stored checkpoint as a nested dict, every leaf checked against its checksum."""
+        """The stored checkpoint as a nested dict, every leaf checked as on open (checksum, finiteness, step)."""
         if self._ckpt_step is None:
             raise RunFileError(f"{self.path} holds no checkpoint (the run stopped before its first one)")
         with self._h5() as f:
-            return self._read_checkpoint(f)
-
-    def _read_checkpoint(self, f) -> dict:
-        try:
-            return read_tree(f["checkpoint/state"])
-        except TreeError as exc:
-            raise RunFileError(f"{self.path}: checkpoint is damaged: {exc}") from None
-
-    def resume(self) -> dict:
-        """Continue this run: return the checkpoint, drop metric rows and samples logged after its step (so the
-        continued run does not duplicate them) and set the status back to "running". Needs mode "a"."""
-        self._require_writable()
-        state = self.load_checkpoint()
-        keep = self._flushed["step"] <= self._ckpt_step
-        self._flushed = {k: v[keep] for k, v in self._flushed.items()}
-        self._pending = [(s, r) for s, r in self._pending if s <= self._ckpt_step]
-        self._attrs.update(status="running", status_message="")
-        self._rewrite(drop_samples_after=self._ckpt_step)
+            if "state" not in f["checkpoint"]:
+                raise RunFileError(f"{self.path}: its checkpoint is gone (the file was replaced meanwhile)")
+            state, self._ckpt_step = read_state(f, self.path)
         return state
+
+    def resume(self, state=None, config: dict | None = None) -> dict | None:
+        """Continue this run: drop metric rows and samples logged after its checkpoint's step (all of them when it
+        has no checkpoint: the run then starts again at step 0), set the status back to "running", and return the
+        checkpoint (or None). Needs mode "a". A caller that has already read and checked the checkpoint passes it
+        as `state`, so the file is not read again between the check and the write; `config` replaces the stored
+        config in the same write (see set_config)."""
+        self._require_writable()
+        if state is None and self._ckpt_step is not None:
+            state = self.load_checkpoint()
+        if config is not None:
+            try:
+                self._attrs["config"] = json.dumps(config)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"config must be JSON-serialisable: {exc}") from None
+        last = -1 if self._ckpt_step is None else self._ckpt_step
+        keep = self._flushed["step"] <= last
+        self._flushed = {k: v[keep] for k, v in self._flushed.items()}
+        self._pending = [(s, r) for s, r in self._pending if s <= last]
+        self._attrs.update(status="running", status_message="")
+        self._rewrite(drop_samples_after=last)
+        return state
+
+    def discard_pending(self) -> None:
+        """Forget the metric rows logged since the last flush (a flush that failed: a status can still be written
+        in the space the old file takes)."""
+        self._pending = []
 
     # --- samples and status --------------------------------------------------------------------------------------
     def add_samples(self, step: int, images, **attrs) -> None:
@@ -312,12 +380,16 @@ class RunFile:
     def _require_writable(self):
         if not self.writable:
             raise RunFileError(f"{self.path} was opened read-only; open it with mode='a' to write")
+        self._lock()   # again after close(): the lock is given up there
 
     def _tmp(self) -> Path:
         return self.path.with_name(self.path.name + ".tmp")
 
     def _remove_tmp(self):
-        self._tmp().unlink(missing_ok=True)
+        try:
+            self._tmp().unlink(missing_ok=True)
+        except OSError as exc:
+            raise storage_error(self._tmp(), exc, "remove") from None
 
     def _h5(self):
         try:
@@ -349,8 +421,13 @@ class RunFile:
                     old.close()
             _fsync_path(tmp)
             self._publish(tmp, publish)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a failed flush leaves the previous file as it was
+        except BaseException as exc:
+            try:
+                tmp.unlink(missing_ok=True)  # a failed flush leaves the previous file as it was
+            except OSError:
+                pass
+            if isinstance(exc, OSError) and not isinstance(exc, (RunFileError, StorageError)):
+                raise storage_error(self.path, exc) from None
             raise
         _fsync_path(self.path.parent, directory=True)
         self._flushed, self._pending = metrics, []

@@ -1,27 +1,47 @@
-"""The HDF5 layout of a run file: each part written with its checksum, and a whole file read back and verified.
+"""The HDF5 layout of a run file: each part written with its checksum; the errors a run file raises.
 
-minidiff.runs.file.RunFile is the only caller: it decides when and how a file is (re)built and published; this module
-knows what goes where. The layout itself is documented in docs/run-format.md.
+minidiff.runs.file.RunFile is the only writer: it decides when and how a file is (re)built and published; this module
+knows what goes where, and minidiff.runs.validate reads a whole file back and checks it. The layout itself is
+documented in docs/run-format.md.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-from pathlib import Path
 
 import h5py
 import numpy as np
 
-from minidiff.runs.tree import TreeError, crc32_of, read_tree
+from minidiff.runs.tree import crc32_of
 
 FORMAT = "minidiff-run"
 FORMAT_VERSION = 1
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+STATUSES = ("running", "finished", "diverged", "interrupted")
 _CHUNK_ROWS = 256
 
 
 class RunFileError(RuntimeError):
     """A run file is missing, damaged or unusable; the message names the file and the damaged part."""
+
+
+# errno values that mean the machine failed, not the input: the disk is full, read-only or gone, access is denied
+ENVIRONMENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "EIO", "ESTALE", "ENOTCONN", "ENODEV", "ENXIO",
+    "ETIMEDOUT", "EHOSTDOWN", "ENOMEM", "ENOLCK") if hasattr(errno, name))
+
+
+class StorageError(OSError):
+    """The file system refused a read or write (disk full, read-only, permission, a lost mount): the environment
+    failed, not the input. str() is one line naming the file and the reason; errno is the underlying error's."""
+
+    def __init__(self, code, message: str):
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self):
+        return self.message
 
 
 def host_attr(v):
@@ -57,61 +77,3 @@ def write_samples(group, old, new: dict, drop_after) -> None:
             ds.attrs.update(step=step, crc32=crc32_of(images))
         else:
             old.copy(old[f"samples/{step}"], group, str(step))
-
-
-def read_checked(ds, path):
-    name = ds.name.lstrip("/")
-    try:
-        data = ds[()]
-    except (OSError, ValueError, KeyError) as exc:
-        raise RunFileError(f"{path}: {name} is damaged (unreadable: {exc})") from None
-    if "crc32" in ds.attrs and crc32_of(data) != int(ds.attrs["crc32"]):
-        raise RunFileError(f"{path}: {name} is damaged (checksum mismatch)")
-    return data
-
-
-def read_and_verify(path: Path):
-    """(attrs, metrics, checkpoint step) of a run file after checking every part; RunFileError names the damage."""
-    if not path.exists():
-        raise RunFileError(f"{path}: run file not found")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head != HDF5_SIGNATURE:
-        raise RunFileError(f"{path}: not an HDF5 file (no HDF5 signature; empty, garbage or another format)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise RunFileError(f"{path}: HDF5 structure is damaged or the file is truncated ({exc})") from None
-    with f:
-        try:
-            attrs = {k: host_attr(v) for k, v in f.attrs.items()}
-        except (OSError, KeyError) as exc:
-            raise RunFileError(f"{path}: root attributes are damaged ({exc})") from None
-        if attrs.get("format") != FORMAT:
-            raise RunFileError(f"{path}: root attributes are missing or damaged: not a minidiff run file")
-        if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
-            raise RunFileError(f"{path}: run-file format {attrs['format_version']} is newer than this minidiff "
-                               f"({FORMAT_VERSION}); upgrade minidiff")
-        try:
-            json.loads(attrs["config"])
-        except (KeyError, TypeError, ValueError):
-            raise RunFileError(f"{path}: root attribute 'config' is missing or damaged (invalid JSON)") from None
-        for part in ("metrics", "checkpoint", "samples"):
-            if not isinstance(f.get(part), h5py.Group):
-                raise RunFileError(f"{path}: group '{part}' is missing or damaged")
-        metrics = {name: read_checked(ds, path) for name, ds in f["metrics"].items()}
-        rows = len(metrics.get("step", ()))
-        for name, arr in metrics.items():
-            if len(arr) != rows:
-                raise RunFileError(f"{path}: metrics/{name} is damaged ({len(arr)} rows, metrics/step has {rows})")
-        ckpt_step = None
-        if "state" in f["checkpoint"]:
-            try:
-                read_tree(f["checkpoint/state"])
-                ckpt_step = int(f["checkpoint"].attrs["step"])
-            except (TreeError, KeyError) as exc:
-                raise RunFileError(f"{path}: checkpoint is damaged: {exc}") from None
-        for ds in f["samples"].values():
-            read_checked(ds, path)
-    metrics.setdefault("step", np.zeros(0, dtype=np.int64))
-    return attrs, metrics, ckpt_step
