@@ -14,20 +14,16 @@ from minidiff.training.config import TrainConfig
 from minidiff.instruments.recorder import eval_seed
 from minidiff.datasets import save_image_grid
 from minidiff.runs.file import RunFile
+from minidiff.training.session import open_trainer
 from minidiff.training.trainer import Trainer
 
 _SPARKS = "▁▂▃▄▅▆▇█"
 
 
 def load_trainer(path) -> tuple[Trainer, RunFile]:
-    """A Trainer at the run's checkpoint, read-only (for sampling and evaluation)."""
-    run = RunFile.open(path, mode="r")
-    state = run.load_checkpoint() if run.checkpoint_step is not None else None
-    if state is None:
-        raise ValueError(f"{path}: the run has no checkpoint yet (nothing to sample from)")
-    trainer = Trainer(TrainConfig.from_dict(run.config), start_workers=False)   # it samples with another model
-    trainer.load_state_dict(state)
-    return trainer, run
+    """A Trainer at the run's checkpoint, read-only (for sampling and evaluation), every part of the run checked
+    (minidiff.training.session.open_trainer)."""
+    return open_trainer(path)
 
 
 def config_from_options(file_values: dict, options: dict) -> TrainConfig:

@@ -6,8 +6,10 @@ step, the EMA update. Everything random is drawn on the host in a fixed order, s
 bitwise identical run on the CPU, and a run resumed from a checkpoint continues exactly as if never stopped.
 
 The step never reads a number back from the device: losses and gradient norms are summed on the device and copied
-to the host only at log and checkpoint steps, which is also where non-finite values are caught (a diverged run keeps
-its last good checkpoint, which was checked the same way before it was written).
+to the host only at log and checkpoint steps, which is also where non-finite values are caught: the loss, the
+gradient norm, the parameters, the EMA weights and the optimizer's buffers at a log step (minidiff.training.integrity),
+the whole state before a checkpoint is written. A diverged run keeps its last good checkpoint, which was checked the
+same way before it was written.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from minidiff.execution import wrap
 from minidiff.optim import build_optimizer
 from minidiff.diffusion.samplers import ddim_sample, ddpm_sample
 from minidiff.diffusion.schedules import make_schedule
+from minidiff.runs.validate import nonfinite_leaf
+from minidiff.training.integrity import nonfinite_part
+from minidiff.training.sizes import check_run_fits, check_sampling_fits
 
 # The run's `grad_norm` is the trainer's mean pre-clip norm over the logging window; the optimizer's diagnostic of the
 # same name (|g_t| of the gradient it applied: clipped, at the logged step only) is logged under another name.
@@ -43,7 +48,8 @@ OPTIMIZER_RENAMES = {"grad_norm": "applied_grad_norm"}
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient norm; the run file keeps its last good checkpoint."""
+    """A non-finite loss, gradient norm, parameter, EMA weight or optimizer buffer; the run file keeps its last good
+    checkpoint."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -91,6 +97,7 @@ class Trainer:
         self.dataset = load_dataset(config.dataset, seed=config.seed, holdout=config.holdout,
                                     **config.dataset_options)
         self.model_name, self.model_config = model_spec(config, self.dataset)
+        check_run_fits(config, self.dataset.shape, self.model_name, self.model_config, self.backend)
         self.model = wrap(build_model(self.model_name, **self.model_config, dtype=config.dtype, seed=config.seed,
                                       device=self.backend))   # before the optimizer and the EMA take its params
         if start_workers:   # before the optimizer and the EMA allocate (DataParallel.start_workers)
@@ -212,9 +219,6 @@ class Trainer:
                      "bucket_count": np.array(acc["bucket_count"], dtype=np.float64),
                      "steps": int(acc["steps"]), "time": float(acc["time"])}
 
-    def params_finite(self) -> bool:
-        return bool(np.isfinite(to_float(global_norm(self.model.params))))
-
     # --- sampling --------------------------------------------------------------------------------------------------
     def weights_model(self, use_ema: bool = True):
         """The sampling model (a second model, built on first use) holding the EMA or the raw weights: for forward
@@ -231,6 +235,7 @@ class Trainer:
         sampler "ddim" (num_steps steps, eta) or "ddpm" (all T steps, posterior variance); images have x0 clipped to
         [-1, 1] at every step, as DDPM's sampler does.
         """
+        check_sampling_fits(n, self.model_name, self.model.config, self.dataset.shape, self.model.dtype, self.backend)
         model = self.weights_model(use_ema)
         common = dict(seed=seed, prediction=self.config.prediction, backend=self.backend, dtype=self.model.dtype,
                       clip_x0=1.0 if self.dataset.kind == "image" else None, progress=progress)
@@ -289,7 +294,7 @@ class Trainer:
             metrics = self.instruments.after_step(self.step, pending)
             if log_now:
                 metrics.update(self.collect_metrics(diag), wall_time=self.train_time)
-            diverged = log_now and not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
+            diverged = nonfinite_part(self, metrics) if log_now else None
             if c.eval_every and not diverged and (self.step % c.eval_every == 0 or self.step == c.steps):
                 metrics.update(self.instruments.evaluate())
             val_every = self.instruments.val_every
@@ -300,7 +305,7 @@ class Trainer:
                 if log_now:  # a rewrite costs ~15 ms: cheap enough that `inspect` and a crash see every log
                     run.flush()
             if diverged:
-                self._diverged(run, metrics)
+                self._diverged(run, diverged)
             if self.step % c.sample_every == 0 or self.step == c.steps:
                 self._add_samples(run)
             if self.step % c.ckpt_every == 0 or self.step == until_step:
@@ -313,9 +318,11 @@ class Trainer:
                 raise TrainingInterrupted(f"interrupted at step {self.step}; a checkpoint was written")
 
     def checkpoint(self, run) -> None:
-        if not self.params_finite():
-            self._diverged(run, None)
-        run.save_checkpoint(self.state_dict(), step=self.step)
+        state = self.state_dict()
+        bad = nonfinite_leaf(state)   # the check every reader makes (minidiff.runs.validate): never write what fails it
+        if bad is not None:
+            self._diverged(run, f"state ({bad[0]} holds {bad[1]})")
+        run.save_checkpoint(state, step=self.step)
 
     def _add_samples(self, run) -> None:
         if self.dataset.kind != "image":
@@ -325,8 +332,7 @@ class Trainer:
         run.add_samples(self.step, u8, sampler="ddim", num_steps=self.config.sample_steps, eta=0.0, ema=True,
                         seed=0)
 
-    def _diverged(self, run, metrics) -> None:
-        what = "loss or gradient norm" if metrics else "parameters"
+    def _diverged(self, run, what: str) -> None:
         kept = (f"the run keeps its last good checkpoint (step {run.checkpoint_step})"
                 if run.checkpoint_step is not None else "no checkpoint was written yet, so there is nothing to resume")
         message = (f"training diverged: non-finite {what} by step {self.step}; {kept}. "
