@@ -2,6 +2,7 @@
 
 import gzip
 import struct
+import zipfile
 import zlib
 
 import h5py
@@ -191,7 +192,74 @@ def _bad_cases(tmp_path):
     cases["npz without key"] = (tmp_path / "two.npz", "holds 2 arrays (a, b)")
     np.save(tmp_path / "str.npy", np.array([["a", "b"], ["c", "d"]]))
     cases["strings"] = (tmp_path / "str.npy", "numeric")
+    cases.update(_oversized_cases(tmp_path))
     return cases
+
+
+def _npy_header(shape, descr="<f8") -> bytes:
+    """A .npy header declaring `shape` (v1.0, padded to a multiple of 64 bytes as numpy writes it)."""
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple(shape)}, }}"
+    text += " " * (63 - (10 + len(text)) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode()
+
+
+def _bomb(declared=(10, 8, 8), inflated=300 << 20) -> bytes:
+    """A gzipped .npy whose header declares a small array but whose stream inflates to `inflated` bytes: the same
+    1 MiB member of zeros repeated (gzip members concatenate), so the file stays small."""
+    head = gzip.compress(_npy_header(declared, "|u1"))
+    zeros = gzip.compress(bytes(1 << 20), compresslevel=9)
+    return head + zeros * (inflated >> 20)
+
+
+def _oversized_cases(tmp_path):
+    """Files whose declared array, or whose inflated bytes, no machine here can hold: refused before allocating."""
+    huge = (10 ** 9, 64, 64)   # 32 TB of float64
+    cases = {}
+    (tmp_path / "huge.npy").write_bytes(_npy_header(huge) + bytes(64))
+    cases["huge npy"] = (tmp_path / "huge.npy", "needs ~")
+    (tmp_path / "huge.npy.gz").write_bytes(gzip.compress(_npy_header(huge) + bytes(64)))
+    cases["huge npy.gz"] = (tmp_path / "huge.npy.gz", "needs ~")
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("x.npy", _npy_header(huge) + bytes(64))
+    cases["huge npz"] = (tmp_path / "huge.npz", "needs ~")
+    with h5py.File(tmp_path / "huge.h5", "w") as f:
+        f.create_dataset("x", shape=huge, dtype="f8", chunks=(1, 64, 64))   # nothing written: a small file
+    cases["huge h5"] = (tmp_path / "huge.h5", "needs ~")
+    (tmp_path / "huge.idx.gz").write_bytes(gzip.compress(bytes([0, 0, 0x0E, 3]) + struct.pack(">3I", *huge)))
+    cases["huge idx.gz"] = (tmp_path / "huge.idx.gz", "needs ~")
+    (tmp_path / "bomb.npy.gz").write_bytes(_bomb())
+    cases["decompression bomb"] = (tmp_path / "bomb.npy.gz", "inflates past 768 B, the array its header declares")
+    return cases
+
+
+def test_gzip_of_several_members_still_loads_and_a_bomb_stops_at_the_declared_size(tmp_path, monkeypatch):
+    import minidiff.datasets.files as files
+
+    x = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)
+    np.save(tmp_path / "x.npy", x)
+    raw = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "m.npy.gz").write_bytes(gzip.compress(raw[:50]) + gzip.compress(raw[50:]) + bytes(8))
+    assert files.load_array_file(tmp_path / "m.npy.gz")[0].tobytes() == x.tobytes()
+    inflated = []
+    real = files._Inflater.read
+
+    def counted(self, n):
+        out = real(self, n)
+        inflated.append(len(out))
+        return out
+    monkeypatch.setattr(files._Inflater, "read", counted)
+    (tmp_path / "bomb.npy.gz").write_bytes(_bomb())
+    with pytest.raises(DataError, match="decompression bomb"):
+        files.load_array_file(tmp_path / "bomb.npy.gz")
+    # a head long enough for any header, then at most the declared size and a byte: the 300 MiB never were
+    assert 0 < sum(inflated) <= files._HEAD + 768 + 1
+
+
+def test_several_arrays_without_a_key_name_the_option_that_picks_one(tmp_path):
+    np.savez(tmp_path / "two.npz", images=np.zeros((3, 4, 4), np.uint8), labels=np.arange(3))
+    with pytest.raises(DataError, match=r"holds 2 arrays \(images, labels\); choose one with --dataset-key NAME"):
+        load_dataset(tmp_path / "two.npz")
+    assert load_dataset(tmp_path / "two.npz", key="images", holdout=0.0).train.shape == (3, 1, 4, 4)
 
 
 def test_every_bad_file_raises_one_line_data_error_naming_the_file(tmp_path):
