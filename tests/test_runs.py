@@ -432,6 +432,37 @@ def test_a_write_the_file_system_refuses_is_a_storage_error_and_leaves_the_file_
     assert back.status == "interrupted" and len(back.metrics()["step"]) == 0 and back.checkpoint_step == 2
 
 
+_FULL_DISK_WRITER = textwrap.dedent("""
+    import resource, signal, sys
+    import numpy as np
+    from minidiff.runs.file import RunFile, StorageError
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit then fails with EFBIG, as a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    run = RunFile.create(sys.argv[1], {"seed": 0}, "full-disk-writer")
+    run.save_checkpoint({"step": 1, "w": np.ones(1000)})
+    kept = []   # the error stays alive, as in a command that reports it (the crash came when such objects died)
+    try:
+        run.save_checkpoint({"step": 2, "w": {f"a{i}": np.ones(2000) for i in range(100)}})
+    except StorageError as exc:
+        kept.append(exc)
+        print("refused:", exc)
+    run.set_status("interrupted", "disk full")
+    print("status written")
+""")
+
+
+def test_a_full_disk_mid_write_is_a_clean_storage_error_and_the_process_ends_normally(tmp_path):
+    """HDF5 writing to a full disk itself leaves its library state dirty: every later close failed again and the
+    process crashed at exit. The file is built in memory and written with one plain write instead."""
+    path = tmp_path / "r.h5"
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_WRITER, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert f"refused: cannot write {path}: File too large" in proc.stdout and "status written" in proc.stdout
+    run = RunFile.open(path)
+    assert run.status == "interrupted" and run.checkpoint_step == 1 and not (tmp_path / "r.h5.tmp").exists()
+
+
 def test_checkpoint_of_10mb_is_rewritten_whole_without_leaking_space_or_stalling(tmp_path):
     run = _new(tmp_path)
     rng = np.random.default_rng(0)

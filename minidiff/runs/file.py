@@ -58,6 +58,14 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write `data` as the whole file at `path` and fsync it (a partial write raises, as a full disk does)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _fsync_path(path, directory=False) -> None:
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
@@ -398,14 +406,20 @@ class RunFile:
             raise RunFileError(f"{self.path}: cannot open ({exc})") from None
 
     def _rewrite(self, checkpoint=None, samples=None, drop_samples_after=None, publish="replace") -> None:
-        """Build the complete file at <name>.tmp, fsync it, and publish it over <name> in one atomic step."""
+        """Build the complete file in memory, write it to <name>.tmp, fsync it, and publish it over <name> in one
+        atomic step.
+
+        HDF5 never writes to the disk itself: a write it cannot finish (a full disk) leaves its library state dirty,
+        and every later close or garbage collection of its objects then fails again, down to a crash at exit. The
+        file is built with the in-memory driver and written with one plain write, whose failure is a clean OSError.
+        """
         metrics = self._materialise()
         self._attrs["updated"] = _now()
         tmp = self._tmp()
         try:
             old = h5py.File(self.path, "r") if publish == "replace" and self.path.exists() else None
             try:
-                with h5py.File(tmp, "w", track_order=True) as f:
+                with h5py.File(f"{tmp}.in-memory", "w", driver="core", backing_store=False, track_order=True) as f:
                     f.attrs.update(self._attrs)
                     write_metrics(f.create_group("metrics", track_order=True), metrics)
                     ckpt = f.create_group("checkpoint")
@@ -416,10 +430,12 @@ class RunFile:
                         old.copy(old["checkpoint/state"], ckpt, "state")
                         ckpt.attrs.update(old["checkpoint"].attrs)
                     write_samples(f.create_group("samples"), old, samples or {}, drop_samples_after)
+                    f.flush()
+                    image = f.id.get_file_image()
             finally:
                 if old is not None:
                     old.close()
-            _fsync_path(tmp)
+            _write_synced(tmp, image)
             self._publish(tmp, publish)
         except BaseException as exc:
             try:

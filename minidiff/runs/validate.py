@@ -41,16 +41,31 @@ def validate_file(path: Path):
         raise RunFileError(f"{path}: HDF5 structure is damaged or the file is truncated "
                            f"({str(exc).splitlines()[0]})") from None
     with f:
-        attrs = check_attributes(f, path)
-        for part in ("metrics", "checkpoint", "samples"):
-            if part not in f or not isinstance(_get(f, part, path), h5py.Group):
-                raise RunFileError(f"{path}: group '{part}' is missing or damaged")
-        metrics = check_metrics(f["metrics"], path)
-        ckpt_step = None
-        if "state" in f["checkpoint"]:
-            _, ckpt_step = read_state(f, path)
-        check_samples(f["samples"], path)
+        try:
+            attrs = check_attributes(f, path)
+            for part in ("metrics", "checkpoint", "samples"):
+                if part not in f or not isinstance(_get(f, part, path), h5py.Group):
+                    raise RunFileError(f"{path}: group '{part}' is missing or damaged")
+            metrics = check_metrics(f["metrics"], path)
+            ckpt_step = None
+            if "state" in f["checkpoint"]:
+                _, ckpt_step = read_state(f, path)
+            check_samples(f["samples"], path)
+        except RunFileError:
+            raise
+        except HDF5_ERRORS as exc:   # HDF5 found damaged metadata where no check of ours looked yet
+            raise RunFileError(f"{path}: HDF5 structure is damaged ({_first_line(exc)})") from None
     return attrs, metrics, ckpt_step
+
+
+# what h5py raises on damaged structure: OSError or RuntimeError from HDF5, KeyError for a broken link, ValueError and
+# TypeError (UnicodeDecodeError among them) for undecodable attributes
+HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+def _first_line(exc) -> str:
+    lines = str(exc).splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _check_signature(path: Path) -> None:
