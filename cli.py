@@ -3,7 +3,9 @@
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,25 +25,57 @@ from minidiff.optim.lr_schedules import LR_SCHEDULES
 from minidiff.optim.momentum_schedules import MOMENTUM_SCHEDULES
 from minidiff.study.run_tools import (config_from_options, evaluate_run, format_evaluation, sample_png, summarize,
                                      summary_json, write_latest_samples_png)
-from minidiff.runs.file import RunFile, RunFileError
+from minidiff.runs.file import RunFile, RunFileError, StorageError
+from minidiff.runs.layout import ENVIRONMENT_ERRNOS
+from minidiff.runs.validate import storage_error
 from minidiff.diffusion.schedules import SCHEDULES
 from minidiff.study.sweep import run_sweep, sweep_points
-from minidiff.training.session import resume_run, start_run, thread_count_note
+from minidiff.training.progress import LogProgress, describe_final, final_numbers
+from minidiff.training.session import (grid_png, grid_png_is_the_runs, record_storage_failure, resume_run, start_run,
+                                       thread_count_note)
 from minidiff.training.trainer import TrainingDiverged, TrainingInterrupted
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Interruptible(click.Group):
+    """Ctrl-C or SIGTERM outside a training loop (which checkpoints first, minidiff.training.trainer): one line and
+    exit 130, not click's "Aborted!" with exit 1 (which here means diverged), and not a silent death by SIGTERM."""
+
+    def invoke(self, ctx):
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\nError: interrupted; a run file is left at its last complete write (minidiff resume "
+                       "continues a run)", err=True)
+            sys.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@click.group(cls=_Interruptible, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="minidiff")
 def main():
     """minidiff: diffusion models from scratch on NumPy/CuPy, no autograd.
 
     \b
-    Exit status of train and resume (evaluate, sample, inspect: 0 or 2):
+    Exit status of train and resume (evaluate, sample, inspect, compare: 0, 2 or 74):
       0    the run reached its steps (status "finished")
       1    the run diverged: one line says so; the file is marked "diverged" and keeps its last good checkpoint
-      2    bad input (an option, a --config file, data, a damaged run file): one line, nothing written
+      2    bad input (an option, a --config file, data, a damaged run file, a run another process is writing, a
+           size this machine cannot hold): one line, nothing written
+      74   the machine failed (disk full, read-only, permission, a lost mount, memory): one line; the run file
+           keeps its last checkpoint (status "interrupted" when that could still be written); resume continues
       130  interrupted (Ctrl-C, SIGTERM): a checkpoint was written; continue with minidiff resume
     """
+
+
+EX_IOERR = 74   # sysexits.h: an error while doing I/O on some file (here: any failure of the machine)
 
 
 class BadInput(click.ClickException):
@@ -180,21 +214,26 @@ def _from_file(ctx, name, value, file_values, kind):
 
 @main.command("train", cls=_OneLineUsageErrors)
 @_train_options
+@click.option("--dataset-key", help="The array to train on when --dataset is an .npz or HDF5 file holding several "
+                                    "(an HDF5 path such as group/images). [default: the file's only array]")
 @click.option("--out", type=click.Path(dir_okay=False), help="Run file to write. [default: runs/<dataset>-"
                                                               "<optimizer>-<time>.h5]")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run file (and the sample grid beside it).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
-def train_command(ctx, config_file, out, overwrite, quiet, **options):
+def train_command(ctx, config_file, dataset_key, out, overwrite, quiet, **options):
     """Train a diffusion model and record the run in an HDF5 file (default: UNet on the bundled digits, Adam).
 
-    Exit status: 0 finished, 1 diverged, 2 bad input, 130 interrupted (see minidiff --help).
+    Exit status: 0 finished, 1 diverged, 2 bad input, 74 machine failure, 130 interrupted (see minidiff --help).
     """
     try:
         file_values = load_config_file(config_file) if config_file else {}
         out = _from_file(ctx, "out", out, file_values, str)
         overwrite = _from_file(ctx, "overwrite", overwrite, file_values, bool)
         quiet = _from_file(ctx, "quiet", quiet, file_values, bool)
+        if dataset_key is not None:
+            given = file_values.get("dataset_options", {})
+            file_values["dataset_options"] = dict(given if isinstance(given, dict) else {}, key=dataset_key)
         config = config_from_options(file_values, options)
     except (ValueError, TypeError) as exc:
         raise BadInput(str(exc)) from None
@@ -202,18 +241,27 @@ def train_command(ctx, config_file, out, overwrite, quiet, **options):
     if out.exists() and not overwrite:
         raise BadInput(f"{out} already exists; pass --overwrite to replace it or --out to choose another")
     with _friendly_errors():
-        trainer, run = start_run(config, out, command_line=" ".join(sys.argv), overwrite=overwrite)
+        trainer, run = start_run(config, out, command_line=" ".join(sys.argv), overwrite=overwrite,
+                                 grid_png=grid_png(out))
     click.echo(f"training {trainer.model_name} ({trainer.model.num_params():,} parameters) on {config.dataset} "
                f"with {config.optimizer} lr={config.resolved_lr:g} for {config.steps} steps on "
                f"{trainer.backend.name} -> {out}", err=True)
     _run_training(trainer, run, config.steps, quiet)
-    _report_done(out)
+    _report_done(out, write_grid=True)
 
 
-def _report_done(out):
-    png = write_latest_samples_png(out)
+def _report_done(out, write_grid: bool):
+    """The done: line (final loss and sample quality) and where the samples are. The grid beside the run is
+    written when train created it or it is the run's own earlier grid (never someone else's file)."""
+    with _friendly_errors():
+        png = write_latest_samples_png(out) if write_grid else None
+        numbers = final_numbers(RunFile.open(out).metrics())
     grid = Path(out).with_name(Path(out).stem + "-grid.png")
-    click.echo(f"done: {out}" + (f"\n  samples (EMA, DDIM): {png}" if png else "")
+    final = describe_final(numbers)
+    kept = "" if write_grid or not grid_png(out).exists() else \
+        f"\n  samples:             {grid_png(out)} is not this run's grid, so it was left as it is"
+    click.echo(f"done: {out}" + (f": {final}" if final else "") + (f"\n  samples (EMA, DDIM): {png}" if png else "")
+               + kept
                + f"\n  more samples:        minidiff sample {out} --n 64 --out {grid}"
                + f"\n  inspect the run:     minidiff inspect {out}")
 
@@ -230,38 +278,52 @@ def resume_command(run_file, steps, quiet):
     long, bit for bit; the file keeps the log, sample and evaluation rows of the old end. Refused when the
     learning-rate schedule depends on the total (cosine, warmup_cosine, a warm-up longer than the plan).
 
-    Exit status: 0 finished, 1 diverged, 2 bad input, 130 interrupted (see minidiff --help).
+    Exit status: 0 finished, 1 diverged, 2 bad input, 74 machine failure, 130 interrupted (see minidiff --help).
     """
     with _friendly_errors():
         trainer, run = resume_run(run_file, steps)
-    until = steps or trainer.config.steps
-    if trainer.step >= until:
-        run.set_status("finished", f"trained to step {trainer.step}")
-        click.echo(f"{run_file} is already at step {trainer.step} (>= {until}); nothing to do")
-        return
+        until = steps or trainer.config.steps
+        if trainer.step >= until:
+            run.set_status("finished", f"trained to step {trainer.step}")
+            run.close()
+            click.echo(f"{run_file} is already at step {trainer.step} (>= {until}); nothing to do")
+            return
+        write_grid = grid_png_is_the_runs(run_file)
     click.echo(f"resuming {run_file} at step {trainer.step} -> {until}", err=True)
     note = thread_count_note(run, trainer)
     if note:
         click.echo(note, err=True)
     _run_training(trainer, run, until, quiet)
-    _report_done(run_file)
+    _report_done(run_file, write_grid)
+
+
+def _on_terminal() -> bool:
+    """Whether stderr is a terminal (a bar) or a log (plain progress lines)."""
+    return sys.stderr.isatty()
 
 
 def _run_training(trainer, run, until, quiet):
+    """Train with a bar on a terminal, plain progress lines in a log (minidiff.training.progress), none with
+    --quiet; every way it can end as its exit status (minidiff --help)."""
     start = trainer.step
-    shown = {"loss": float("nan")}
+    shown = {"loss": None}
     t0 = time.perf_counter()
+    on_terminal = _on_terminal()
+    log = LogProgress("train", until, start) if not (quiet or on_terminal) else None
 
     def show(_):
         rate = (trainer.step - start) / max(time.perf_counter() - t0, 1e-9)
-        return f"step {trainer.step}  loss {shown['loss']:.4f}  {rate:.1f} it/s"
+        loss = "" if shown["loss"] is None else f"  loss {shown['loss']:.4f}"   # none until a step has logged one
+        return f"step {trainer.step}{loss}  {rate:.1f} it/s"
 
     with click.progressbar(length=until - start, label="train", item_show_func=show, file=sys.stderr,
-                           hidden=quiet) as bar:
+                           hidden=quiet or not on_terminal) as bar:
         def progress(step, metrics):
             if metrics:
                 shown["loss"] = metrics["loss"]
             bar.update(1, step)
+            if log is not None:
+                log.update(step, metrics["loss"] if metrics else None)
         try:
             trainer.train(run, until, progress=progress)
         except TrainingDiverged as exc:
@@ -269,6 +331,13 @@ def _run_training(trainer, run, until, quiet):
         except TrainingInterrupted as exc:
             click.echo(f"\n{exc}; continue with: minidiff resume {run.path}", err=True)
             sys.exit(130)
+        except (OSError, MemoryError) as exc:   # the machine failed; the run file holds its last good checkpoint
+            reason = "out of memory" if isinstance(exc, MemoryError) else storage_error(run.path, exc)
+            click.echo(f"\nError: {record_storage_failure(run, trainer, reason)}", err=True)
+            sys.exit(EX_IOERR)
+    if log is not None:
+        log.finish()
+    run.close()
 
 
 @main.command("sample", cls=_OneLineUsageErrors)
@@ -287,8 +356,6 @@ def sample_command(run_file, n, sampler, steps, eta, ema, seed, out, overwrite):
     if out.exists() and not overwrite:
         raise BadInput(f"{out} already exists; pass --overwrite to replace it or --out to choose another")
     with _friendly_errors():
-        if RunFile.open(run_file).checkpoint_step is None:
-            raise ValueError(f"{run_file}: the run has no checkpoint yet (nothing to sample from)")
         done = {"i": 0, "n": steps, "t0": 0.0}
 
         def show(_):
@@ -296,14 +363,23 @@ def sample_command(run_file, n, sampler, steps, eta, ema, seed, out, overwrite):
             rate = f"  {(i - 1) / max(time.perf_counter() - done['t0'], 1e-9):.1f} it/s" if i > 1 else ""
             return f"step {i}/{done['n']}{rate}" if i else None
 
-        with click.progressbar(length=steps or 50, label=sampler, item_show_func=show, file=sys.stderr) as bar:
+        on_terminal = _on_terminal()
+        log = {}   # plain lines in a log (minidiff.training.progress), made once the step count is known
+        with click.progressbar(length=steps or 50, label=sampler, item_show_func=show, file=sys.stderr,
+                               hidden=not on_terminal) as bar:
             def progress(i, count):
                 if i == 0:  # DDPM runs all T steps, known only once sampling starts
                     bar.length, done["n"], done["t0"] = count, count, time.perf_counter()
+                    if not on_terminal:
+                        log["lines"] = LogProgress(sampler, count)
                 done["i"] = i + 1
                 bar.update(1)
+                if "lines" in log:
+                    log["lines"].update(i + 1)
             info = sample_png(run_file, out, n=n, sampler=sampler, num_steps=steps, eta=eta, use_ema=ema, seed=seed,
                               progress=progress, overwrite=overwrite)
+        if "lines" in log:
+            log["lines"].finish()
     click.echo(f"{info['n']} samples from step {info['step']} ({sampler}) -> {out}")
 
 
@@ -419,13 +495,26 @@ def bench_command(configs, repeats, warmup, quick, device, threads, no_torch, no
 
 @contextlib.contextmanager
 def _friendly_errors():
-    """Bad data, a damaged run file or an unusable device: one line on stderr, exit code 2, no traceback."""
+    """Bad data, a damaged run file, a run another process writes or an unusable device: one line on stderr, exit
+    code 2; the machine failing (a full disk, memory): one line, exit code 74. Never a traceback."""
     try:
         yield
-    except (DataError, RunFileError, BackendError, ValueError, KeyError, OSError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        click.echo(f"Error: {message}", err=True)
-        sys.exit(2)
+    except StorageError as exc:
+        _fail(str(exc), EX_IOERR)
+    except MemoryError:
+        _fail("out of memory (a size the checks let through did not fit after all)", EX_IOERR)
+    except (DataError, RunFileError, BackendError, ValueError, KeyError) as exc:
+        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc), 2)
+    except OSError as exc:
+        code = EX_IOERR if exc.errno in ENVIRONMENT_ERRNOS else 2
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(where + (exc.strerror or str(exc)), code)
+
+
+def _fail(message: str, code: int):
+    lines = str(message).splitlines()
+    click.echo(f"Error: {lines[0] if lines else message}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

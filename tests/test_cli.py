@@ -260,3 +260,95 @@ def test_sample_defaults_to_at_most_the_runs_timesteps(tmp_path):
     result = invoke("sample", out, "--n", "4", "--out", tmp_path / "s.png")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+# --- for people who read logs -----------------------------------------------------------------------------------------
+def test_off_a_terminal_training_and_sampling_print_plain_progress_lines_and_done_gives_the_final_numbers(
+        tmp_path, monkeypatch):
+    from minidiff.training import progress as progress_lines
+    monkeypatch.setattr(progress_lines, "PROGRESS_SECONDS", 0.0)   # a line every step, not every 10 s
+    out = tmp_path / "r.h5"
+    result = invoke("train", *[a for a in FAST if a != "-q"], "--eval-every", 6, "--eval-samples", 16, "--out", out)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    train_lines = [ln for ln in lines if ln.startswith("train  step ")]
+    assert len(train_lines) == 6 and "loss" not in train_lines[0] and " loss " in train_lines[1], train_lines
+    assert " it/s  ETA " in train_lines[0] and train_lines[-1].startswith("train  step 6/6  loss ")
+    m = RunFile.open(out).metrics()
+    done = next(ln for ln in lines if ln.startswith("done: "))
+    assert f"final loss {m['loss'][-1]:.4g} (step 6)" in done and f"swd {m['swd'][-1]:.4g} (step 6" in done, done
+    result = invoke("sample", out, "--sampler", "ddpm", "--n", "4", "--out", tmp_path / "s.png")
+    sample_lines = [ln for ln in result.output.splitlines() if ln.startswith("ddpm  step ")]
+    assert result.exit_code == 0 and len(sample_lines) == 50 and sample_lines[-1].startswith("ddpm  step 50/50  ")
+
+
+def test_the_bar_shows_no_loss_before_the_first_logged_one(tmp_path, monkeypatch):
+    import cli
+    monkeypatch.setattr(cli, "_on_terminal", lambda: True)
+    monkeypatch.setattr(click._termui_impl, "isatty", lambda f: True)   # render the bar as on a terminal
+    result = invoke("train", *[a for a in FAST if a != "-q"], "--log-every", 3, "--out", tmp_path / "r.h5")
+    assert result.exit_code == 0, result.output
+    frames = result.output.replace("\r", "\n").splitlines()
+    assert "loss nan" not in result.output and any("step 2  " in f and "loss" not in f for f in frames), frames
+    assert any("step 3  loss " in f for f in frames), frames
+
+
+def test_dataset_key_picks_the_array_of_a_file_holding_several(tmp_path):
+    images = np.random.default_rng(0).integers(0, 255, size=(40, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "two.npz", images=images, labels=np.arange(40))
+    tiny_unet = ["--base-channels", "8", "--steps", "2", "--timesteps", "20", "--batch-size", "8", "--eval-every",
+                 "0", "--probe-every", "0", "-q"]
+    assert_one_line_error(invoke("train", "--dataset", tmp_path / "two.npz", *tiny_unet, "--out", tmp_path / "a.h5"),
+                          "holds 2 arrays (images, labels)", "--dataset-key")
+    result = invoke("train", "--dataset", tmp_path / "two.npz", "--dataset-key", "images", *tiny_unet, "--out",
+                    tmp_path / "b.h5")
+    assert result.exit_code == 0, result.output
+    assert RunFile.open(tmp_path / "b.h5").config["dataset_options"] == {"key": "images"}
+
+
+def test_inspect_leaves_out_the_probe_fields_of_a_row_without_a_probe(tmp_path):
+    out = tmp_path / "r.h5"
+    assert invoke("train", *FAST, "--probe-every", 4, "--probe-buckets", 2, "--out", out).exit_code == 0
+    last = next(ln for ln in invoke("inspect", out).output.splitlines() if ln.startswith("last "))
+    assert "nan" not in last and "noise_scale" not in last and "loss=" in last, last   # step 6 did not probe
+
+
+def test_compare_draws_a_series_of_one_point_as_a_marker():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    from minidiff.study import figures
+
+    class Run:
+        metrics = {"step": np.array([50]), "loss": np.array([0.3]), "wall_time": np.array([1.0])}
+    ax = Figure().subplots()
+    group = type("G", (), {"runs": [Run()], "color": "C0", "label": "adam"})()
+    assert figures._curves(ax, [group], "loss")
+    (line,) = ax.get_lines()
+    assert line.get_marker() == "o" and list(line.get_xdata()) == [50.0]
+
+
+def test_train_never_replaces_the_grid_png_beside_the_run_without_overwrite(tmp_path):
+    tiny_unet = ["--dataset", "digits", "--base-channels", "8", "--steps", "2", "--timesteps", "20",
+                 "--batch-size", "8", "--eval-every", "0", "--probe-every", "0", "-q"]
+    png = tmp_path / "r.png"
+    png.write_bytes(b"someone's picture")
+    assert_one_line_error(invoke("train", *tiny_unet, "--out", tmp_path / "r.h5"), "r.png already exists",
+                          "--overwrite")
+    assert png.read_bytes() == b"someone's picture" and not (tmp_path / "r.h5").exists()
+    assert invoke("train", *tiny_unet, "--out", tmp_path / "r.h5", "--overwrite").exit_code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ours = png.read_bytes()
+    result = invoke("resume", tmp_path / "r.h5", "--steps", "4", "-q")   # the grid is the run's own: updated
+    assert result.exit_code == 0 and png.read_bytes() != ours, result.output
+    png.write_bytes(b"someone's picture")
+    result = invoke("resume", tmp_path / "r.h5", "--steps", "6", "-q")   # not the run's own: left alone, said so
+    assert result.exit_code == 0 and png.read_bytes() == b"someone's picture"
+    assert "is not this run's grid, so it was left as it is" in result.output
+
+
+def test_inspect_tells_a_live_run_from_one_that_stopped_without_a_status(tmp_path):
+    out = tmp_path / "r.h5"
+    run = RunFile.create(out, {"steps": 10}, "minidiff train")
+    assert "status     running\n" in invoke("inspect", out).output + "\n"   # this process writes it
+    run.close()
+    assert "status     running (but no process is writing it" in invoke("inspect", out).output

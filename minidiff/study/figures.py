@@ -80,6 +80,11 @@ def _log_if_positive(ax, arrays):
         ax.set_yscale("log")
 
 
+def _lone_marker(ok) -> dict:
+    """A line needs two points: a series with one finite point is drawn as a marker, or it would not show at all."""
+    return {"marker": "o", "ms": 4} if np.count_nonzero(ok) == 1 else {}
+
+
 def _curves(ax, groups, name, x="step", smoothed=False):
     """Mean over each group's seeds with +-1 std and min-max bands; True if anything was drawn."""
     drawn = []
@@ -91,7 +96,7 @@ def _curves(ax, groups, name, x="step", smoothed=False):
         xv = steps.astype(np.float64) if x == "step" else _nan_stats(W)[0]
         mean, std, lo, hi = _nan_stats(Y)
         ok = np.isfinite(mean) & np.isfinite(xv)
-        ax.plot(xv[ok], mean[ok], color=g.color, label=g.label, lw=1.4)
+        ax.plot(xv[ok], mean[ok], color=g.color, label=g.label, lw=1.4, **_lone_marker(ok))
         if len(Y) > 1:
             ax.fill_between(xv[ok], lo[ok], hi[ok], color=g.color, alpha=0.12, lw=0)
             ax.fill_between(xv[ok], np.maximum(mean - std, lo)[ok], (mean + std)[ok], color=g.color, alpha=0.25,
@@ -157,7 +162,8 @@ def _draw_bucket_lines(groups, names):
         B = M.shape[1]
         for b in range(B):
             ok = np.isfinite(M[:, b])
-            ax.plot(steps[ok], M[ok, b], color=colormaps["viridis"](b / max(B - 1, 1)), label=str(b))
+            ax.plot(steps[ok], M[ok, b], color=colormaps["viridis"](b / max(B - 1, 1)), label=str(b),
+                    **_lone_marker(ok))
         _log_if_positive(ax, [M])
         ax.set(title=g.label, xlabel="step", ylabel=METRIC_LABELS.get(names[0], names[0]))
         ax.grid(alpha=0.3)

@@ -14,6 +14,7 @@ from minidiff.training.config import TrainConfig
 from minidiff.instruments.recorder import eval_seed
 from minidiff.datasets import save_image_grid
 from minidiff.runs.file import RunFile
+from minidiff.runs.lock import holder as writer_of
 from minidiff.training.session import open_trainer
 from minidiff.training.trainer import Trainer
 
@@ -170,17 +171,19 @@ def summarize(path) -> str:
     run = RunFile.open(path, mode="r")
     attrs, config, metrics = run.attrs, run.config, run.metrics()
     steps = metrics.get("step", np.zeros(0))
+    status = attrs.get("status")
+    if status == "running" and writer_of(path) is None:   # killed, or its last status write failed
+        status += " (but no process is writing it: it stopped without recording why; minidiff resume continues it)"
     lines = [f"run        {path}",
-             f"status     {attrs.get('status')}" + (f" — {attrs['status_message']}" if attrs.get("status_message")
-                                                    else ""),
+             f"status     {status}" + (f" — {attrs['status_message']}" if attrs.get("status_message") else ""),
              f"created    {attrs.get('created')}  minidiff {attrs.get('minidiff_version')}  "
              f"backend {attrs.get('backend')}",
              f"steps      {int(steps[-1]) if len(steps) else 0} logged / {config.get('steps')} planned; "
              f"checkpoint at step {run.checkpoint_step}",
              f"samples    at steps {run.sample_steps() or 'none'}",
              "config     " + json.dumps({k: v for k, v in config.items() if v not in ({}, None)}, sort_keys=True)]
-    if len(steps):
-        last = {k: v[-1] for k, v in metrics.items() if k != "step" and v.ndim == 1}
+    if len(steps):   # a metric the last row did not record (a probe, off its step) is left out, not shown as nan
+        last = {k: v[-1] for k, v in metrics.items() if k != "step" and v.ndim == 1 and not np.isnan(v[-1])}
         lines.append("last       " + "  ".join(f"{k}={_fmt(v)}" for k, v in sorted(last.items())))
         loss = metrics.get("loss")
         if loss is not None:
