@@ -410,7 +410,7 @@ def test_one_writer_per_run_file_readers_still_read_and_the_lock_dies_with_its_p
 
 def test_a_write_the_file_system_refuses_is_a_storage_error_and_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     import errno
-    from minidiff.runs import file as runfile
+    from minidiff.runs import publish
     from minidiff.runs.file import StorageError
 
     run = _new(tmp_path)
@@ -419,7 +419,7 @@ def test_a_write_the_file_system_refuses_is_a_storage_error_and_leaves_the_file_
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(runfile.os, "replace", full)
+    monkeypatch.setattr(publish.os, "replace", full)
     run.log(3, loss=1.0)
     with pytest.raises(StorageError, match=f"cannot write {tmp_path / 'run.h5'}: No space left on device") as err:
         run.flush()

@@ -28,9 +28,7 @@ constants are importable from here.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import platform
 from pathlib import Path
 
@@ -40,44 +38,16 @@ import numpy as np
 from minidiff import __version__
 from minidiff.backend import to_numpy
 from minidiff.runs import lock
-from minidiff.runs.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, STATUSES, RunFileError, StorageError,
-                                  host_attr, write_metrics, write_samples)
+from minidiff.runs.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, STATUSES, RunFileError, RunFileExistsError,
+                                  StorageError, host_attr)
 from minidiff.runs.lock import RunFileLockedError
-from minidiff.runs.tree import write_tree
+from minidiff.runs.publish import build_image, fsync_path, now, publish_file, write_synced
 from minidiff.runs.validate import nonfinite_leaf, read_checked, read_state, storage_error, validate_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "STATUSES", "RunFile", "RunFileError", "RunFileExistsError",
            "RunFileLockedError", "StorageError"]
 
 
-class RunFileExistsError(RunFileError, FileExistsError):
-    """The run file exists and overwrite was not requested."""
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write `data` as the whole file at `path` and fsync it (a partial write raises, as a full disk does)."""
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_path(path, directory=False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # directories cannot be opened on Windows; os.replace is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _acquire(path) -> None:
@@ -123,7 +93,7 @@ class RunFile:
         except OSError as exc:
             raise storage_error(path.parent, exc, "create the folder") from None
         attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "minidiff_version": __version__,
-                 "created": _now(), "command_line": command_line, "config": config_json, "status": "running",
+                 "created": now(), "command_line": command_line, "config": config_json, "status": "running",
                  "status_message": "", "backend": backend, "numpy_version": np.__version__,
                  "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
                  "python_version": platform.python_version(), "platform": platform.platform()}
@@ -407,36 +377,19 @@ class RunFile:
 
     def _rewrite(self, checkpoint=None, samples=None, drop_samples_after=None, publish="replace") -> None:
         """Build the complete file in memory, write it to <name>.tmp, fsync it, and publish it over <name> in one
-        atomic step.
-
-        HDF5 never writes to the disk itself: a write it cannot finish (a full disk) leaves its library state dirty,
-        and every later close or garbage collection of its objects then fails again, down to a crash at exit. The
-        file is built with the in-memory driver and written with one plain write, whose failure is a clean OSError.
-        """
+        atomic step (minidiff.runs.publish)."""
         metrics = self._materialise()
-        self._attrs["updated"] = _now()
+        self._attrs["updated"] = now()
         tmp = self._tmp()
         try:
             old = h5py.File(self.path, "r") if publish == "replace" and self.path.exists() else None
             try:
-                with h5py.File(f"{tmp}.in-memory", "w", driver="core", backing_store=False, track_order=True) as f:
-                    f.attrs.update(self._attrs)
-                    write_metrics(f.create_group("metrics", track_order=True), metrics)
-                    ckpt = f.create_group("checkpoint")
-                    if checkpoint is not None:
-                        write_tree(ckpt, "state", checkpoint[0])
-                        ckpt.attrs.update(step=checkpoint[1], saved=_now())
-                    elif old is not None and "state" in old["checkpoint"]:
-                        old.copy(old["checkpoint/state"], ckpt, "state")
-                        ckpt.attrs.update(old["checkpoint"].attrs)
-                    write_samples(f.create_group("samples"), old, samples or {}, drop_samples_after)
-                    f.flush()
-                    image = f.id.get_file_image()
+                image = build_image(self._attrs, metrics, checkpoint, old, samples or {}, drop_samples_after)
             finally:
                 if old is not None:
                     old.close()
-            _write_synced(tmp, image)
-            self._publish(tmp, publish)
+            write_synced(tmp, image)
+            publish_file(tmp, self.path, publish)
         except BaseException as exc:
             try:
                 tmp.unlink(missing_ok=True)  # a failed flush leaves the previous file as it was
@@ -445,23 +398,7 @@ class RunFile:
             if isinstance(exc, OSError) and not isinstance(exc, (RunFileError, StorageError)):
                 raise storage_error(self.path, exc) from None
             raise
-        _fsync_path(self.path.parent, directory=True)
+        fsync_path(self.path.parent, directory=True)
         self._flushed, self._pending = metrics, []
         if checkpoint is not None:
             self._ckpt_step = checkpoint[1]
-
-    def _publish(self, tmp: Path, publish: str) -> None:
-        if publish != "new":
-            os.replace(tmp, self.path)
-            return
-        try:  # a hard link refuses to replace an existing file: no window for a race between check and write
-            os.link(tmp, self.path)
-        except FileExistsError:
-            raise RunFileExistsError(f"{self.path} already exists; pass overwrite=True (--overwrite) to "
-                                     "replace it") from None
-        except OSError:  # file systems without hard links
-            if self.path.exists():
-                raise RunFileExistsError(f"{self.path} already exists; pass overwrite=True") from None
-            os.replace(tmp, self.path)
-            return
-        tmp.unlink()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 
-import h5py
 import numpy as np
 
 from minidiff.runs.tree import crc32_of
@@ -30,6 +29,10 @@ class RunFileError(RuntimeError):
 ENVIRONMENT_ERRNOS = frozenset(getattr(errno, name) for name in (
     "ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "EIO", "ESTALE", "ENOTCONN", "ENODEV", "ENXIO",
     "ETIMEDOUT", "EHOSTDOWN", "ENOMEM", "ENOLCK") if hasattr(errno, name))
+
+
+class RunFileExistsError(RunFileError, FileExistsError):
+    """The run file exists and overwrite was not requested."""
 
 
 class StorageError(OSError):
