@@ -6,7 +6,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import click
@@ -30,7 +29,7 @@ from minidiff.runs.layout import ENVIRONMENT_ERRNOS
 from minidiff.runs.validate import storage_error
 from minidiff.diffusion.schedules import SCHEDULES
 from minidiff.study.sweep import run_sweep, sweep_points
-from minidiff.training.progress import LogProgress, describe_final, final_numbers
+from minidiff.training.progress import Progress, describe_final, final_numbers
 from minidiff.training.session import (grid_png, grid_png_is_the_runs, record_storage_failure, resume_run, start_run,
                                        thread_count_note)
 from minidiff.training.trainer import TrainingDiverged, TrainingInterrupted
@@ -231,9 +230,11 @@ def train_command(ctx, config_file, dataset_key, out, overwrite, quiet, **option
         out = _from_file(ctx, "out", out, file_values, str)
         overwrite = _from_file(ctx, "overwrite", overwrite, file_values, bool)
         quiet = _from_file(ctx, "quiet", quiet, file_values, bool)
+        for name in ("model_options", "dataset_options"):
+            if not isinstance(file_values.get(name, {}), dict):
+                raise ValueError(f"{name} in {config_file} must be a mapping (a table), got {file_values[name]!r}")
         if dataset_key is not None:
-            given = file_values.get("dataset_options", {})
-            file_values["dataset_options"] = dict(given if isinstance(given, dict) else {}, key=dataset_key)
+            file_values["dataset_options"] = dict(file_values.get("dataset_options", {}), key=dataset_key)
         config = config_from_options(file_values, options)
     except (ValueError, TypeError) as exc:
         raise BadInput(str(exc)) from None
@@ -303,29 +304,10 @@ def _on_terminal() -> bool:
 
 
 def _run_training(trainer, run, until, quiet):
-    """Train with a bar on a terminal, plain progress lines in a log (minidiff.training.progress), none with
-    --quiet; every way it can end as its exit status (minidiff --help)."""
-    start = trainer.step
-    shown = {"loss": None}
-    t0 = time.perf_counter()
-    on_terminal = _on_terminal()
-    log = LogProgress("train", until, start) if not (quiet or on_terminal) else None
-
-    def show(_):
-        rate = (trainer.step - start) / max(time.perf_counter() - t0, 1e-9)
-        loss = "" if shown["loss"] is None else f"  loss {shown['loss']:.4f}"   # none until a step has logged one
-        return f"step {trainer.step}{loss}  {rate:.1f} it/s"
-
-    with click.progressbar(length=until - start, label="train", item_show_func=show, file=sys.stderr,
-                           hidden=quiet or not on_terminal) as bar:
-        def progress(step, metrics):
-            if metrics:
-                shown["loss"] = metrics["loss"]
-            bar.update(1, step)
-            if log is not None:
-                log.update(step, metrics["loss"] if metrics else None)
+    """Train with progress (minidiff.training.progress); every way it can end as its exit status (minidiff --help)."""
+    with Progress("train", until, trainer.step, quiet, _on_terminal()) as bar:
         try:
-            trainer.train(run, until, progress=progress)
+            trainer.train(run, until, progress=lambda step, metrics: bar.update(step, (metrics or {}).get("loss")))
         except TrainingDiverged as exc:
             raise RunDiverged(str(exc)) from None
         except TrainingInterrupted as exc:
@@ -335,8 +317,6 @@ def _run_training(trainer, run, until, quiet):
             reason = "out of memory" if isinstance(exc, MemoryError) else storage_error(run.path, exc)
             click.echo(f"\nError: {record_storage_failure(run, trainer, reason)}", err=True)
             sys.exit(EX_IOERR)
-    if log is not None:
-        log.finish()
     run.close()
 
 
@@ -355,31 +335,13 @@ def sample_command(run_file, n, sampler, steps, eta, ema, seed, out, overwrite):
     out = Path(out or Path(run_file).with_suffix(".png"))
     if out.exists() and not overwrite:
         raise BadInput(f"{out} already exists; pass --overwrite to replace it or --out to choose another")
-    with _friendly_errors():
-        done = {"i": 0, "n": steps, "t0": 0.0}
-
-        def show(_):
-            i = done["i"]  # the rate counts from the end of step 1: loading the model is not sampling
-            rate = f"  {(i - 1) / max(time.perf_counter() - done['t0'], 1e-9):.1f} it/s" if i > 1 else ""
-            return f"step {i}/{done['n']}{rate}" if i else None
-
-        on_terminal = _on_terminal()
-        log = {}   # plain lines in a log (minidiff.training.progress), made once the step count is known
-        with click.progressbar(length=steps or 50, label=sampler, item_show_func=show, file=sys.stderr,
-                               hidden=not on_terminal) as bar:
-            def progress(i, count):
-                if i == 0:  # DDPM runs all T steps, known only once sampling starts
-                    bar.length, done["n"], done["t0"] = count, count, time.perf_counter()
-                    if not on_terminal:
-                        log["lines"] = LogProgress(sampler, count)
-                done["i"] = i + 1
-                bar.update(1)
-                if "lines" in log:
-                    log["lines"].update(i + 1)
-            info = sample_png(run_file, out, n=n, sampler=sampler, num_steps=steps, eta=eta, use_ema=ema, seed=seed,
-                              progress=progress, overwrite=overwrite)
-        if "lines" in log:
-            log["lines"].finish()
+    with _friendly_errors(), Progress(sampler, steps or 50, on_terminal=_on_terminal()) as bar:
+        def progress(i, count):
+            if i == 0:  # DDPM runs all T steps, known only once sampling starts
+                bar.set_total(count)
+            bar.update(i + 1)
+        info = sample_png(run_file, out, n=n, sampler=sampler, num_steps=steps, eta=eta, use_ema=ema, seed=seed,
+                          progress=progress, overwrite=overwrite)
     click.echo(f"{info['n']} samples from step {info['step']} ({sampler}) -> {out}")
 
 

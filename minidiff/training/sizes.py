@@ -49,6 +49,27 @@ def check_images_fit_model(model_name: str, model_options: dict, shape) -> None:
                         f"or use fewer levels")
 
 
+# the model options whose values the estimates read, and what each must be
+_INT_OPTIONS = ("base_channels", "num_res_blocks", "groups", "num_heads", "hidden", "num_blocks", "temb_dim",
+                "in_channels", "data_dim")
+_LIST_OPTIONS = ("channel_mults", "attention_levels")
+
+
+def check_model_options(model_options: dict) -> None:
+    """SizeError naming a model option of the wrong type (the constructors would fail deep inside with a message
+    that names nothing): counts are positive integers, channel_mults and attention_levels lists of integers."""
+    for name, value in model_options.items():
+        if name in _INT_OPTIONS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SizeError(f"model_options {name} must be a positive integer, got {value!r}")
+        if name in _LIST_OPTIONS and (not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+                or (name == "channel_mults" and not value)):
+            raise SizeError(f"model_options {name} must be a list of integers >= 0 (channel_mults: not empty), "
+                            f"got {value!r}")
+        if name == "mid_attention" and not isinstance(value, bool):
+            raise SizeError(f"model_options mid_attention must be true or false, got {value!r}")
+
+
 def _per_sample(model_name, model_options, shape, train: bool) -> float:
     """Elements one sample needs in a training step (train) or while it is drawn."""
     if model_name == "unet":
@@ -101,7 +122,9 @@ def _refuse_if_over(needs: dict, backend=None) -> None:
 
 
 def check_run_fits(config, shape, model_name, model_options, backend=None) -> None:
-    """SizeError, before anything of the run is allocated, when the run cannot fit or its images cannot be halved."""
+    """SizeError, before anything of the run is allocated, when the run cannot fit, its images cannot be halved or a
+    model option has the wrong type."""
+    check_model_options(model_options)
     try:
         if len(shape) == 3:
             check_images_fit_model(model_name, model_options, shape)
