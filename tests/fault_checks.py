@@ -31,6 +31,12 @@ def count(family: str, held: bool) -> bool:
     return held
 
 
+def tally_problem():
+    """Print the trials of every family so far (trials/held) and return the families where one did not hold."""
+    print("\nfault trials (family: trials/held): " + "; ".join(f"{f}: {t}/{h}" for f, (t, h) in sorted(TALLY.items())))
+    return {f: (t, h) for f, (t, h) in TALLY.items() if t != h}
+
+
 def run_cli(*args, env=None, preexec_fn=None, timeout=300, cwd=None):
     """The CLI in its own process (a traceback, a warning or a second line shows as it would to a user)."""
     return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env,
