@@ -181,6 +181,20 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0_as_the_un
     assert count("kill before the first checkpoint (API)", problems == [None, None]), problems
 
 
+def test_resuming_a_run_without_a_checkpoint_past_its_plan_is_a_run_planned_that_long(tmp_path):
+    path = tmp_path / "early.h5"
+    trainer, run = start_run(tiny(steps=8, lr_schedule="cosine"), path)   # cosine: the total matters
+    run.close()
+    del trainer, run
+    resumed, run = resume_run(path, 10)
+    resumed.train(run, 10)
+    straight, run2 = start_run(tiny(steps=10, lr_schedule="cosine"), tmp_path / "straight.h5")
+    straight.train(run2, 10)
+    problems = [RunFile.open(path).config["steps"] == 10 or "plan not extended",
+                bitwise_problem(untimed(straight.state_dict()), untimed(resumed.state_dict()))]
+    assert count("kill before the first checkpoint (API)", problems == [True, None]), problems
+
+
 # --- sizes refused before allocation ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("changes, fragment", [
     (dict(timesteps=10 ** 12, sample_steps=25), "timesteps 1000000000000 needs ~"),

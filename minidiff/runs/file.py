@@ -150,7 +150,10 @@ class RunFile:
             self._unlock()
 
     def __del__(self):
-        self._unlock()
+        try:
+            self._unlock()
+        except Exception:  # noqa: BLE001 -- at interpreter exit; the process's end drops the lock anyway
+            pass
 
     def _lock(self) -> None:
         if not self._locked:

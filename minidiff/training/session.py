@@ -80,9 +80,9 @@ def resume_run(path, steps: int | None = None):
         config = stored_config(run)
         done = run.checkpoint_step
         extended = None
-        if steps is not None and steps > config.steps and done is not None:
+        if steps is not None and steps > config.steps:   # without a checkpoint no step was taken: any plan fits
             extended = config.replace(steps=steps)
-            changed = plan_dependence(config, extended, done)
+            changed = plan_dependence(config, extended, done or 0)
             if changed:
                 raise ValueError(f"--steps {steps} is past the {config.steps} steps {path} was planned for, and its "
                                  f"{changed} depends on the total, so the steps already taken would not match a "
