@@ -25,8 +25,7 @@ from minidiff.optim.momentum_schedules import MOMENTUM_SCHEDULES
 from minidiff.study.run_tools import (config_from_options, evaluate_run, format_evaluation, sample_png, summarize,
                                      summary_json, write_latest_samples_png)
 from minidiff.runs.file import RunFile, RunFileError, StorageError
-from minidiff.runs.layout import ENVIRONMENT_ERRNOS
-from minidiff.runs.validate import storage_error
+from minidiff.runs.layout import ENVIRONMENT_ERRNOS, storage_error
 from minidiff.diffusion.schedules import SCHEDULES
 from minidiff.study.sweep import run_sweep, sweep_points
 from minidiff.training.progress import Progress, describe_final, final_numbers

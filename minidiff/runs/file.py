@@ -39,10 +39,10 @@ from minidiff import __version__
 from minidiff.backend import to_numpy
 from minidiff.runs import lock
 from minidiff.runs.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, STATUSES, RunFileError, RunFileExistsError,
-                                  StorageError, host_attr)
+                                  StorageError, host_attr, storage_error)
 from minidiff.runs.lock import RunFileLockedError
 from minidiff.runs.publish import build_image, fsync_path, now, publish_file, write_synced
-from minidiff.runs.validate import nonfinite_leaf, read_checked, read_state, storage_error, validate_file
+from minidiff.runs.validate import nonfinite_leaf, read_checked, read_state, validate_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "STATUSES", "RunFile", "RunFileError", "RunFileExistsError",
            "RunFileLockedError", "StorageError"]

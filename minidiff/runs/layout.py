@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 
 import numpy as np
 
@@ -45,6 +46,20 @@ class StorageError(OSError):
 
     def __str__(self):
         return self.message
+
+
+def storage_error(path, exc: OSError, action: str = "write"):
+    """The StorageError for an OSError that the file system raised while `action`-ing `path`, or a RunFileError
+    when the error is the input's (a name too long, a path through a file)."""
+    code = getattr(exc, "errno", None)
+    reason = os.strerror(code) if code else (str(exc).splitlines() or [type(exc).__name__])[0]
+    if code in _INPUT_ERRNOS:
+        return RunFileError(f"cannot {action} {path}: {reason}")
+    return StorageError(code, f"cannot {action} {path}: {reason}")
+
+
+# the path given is wrong, the machine is fine
+_INPUT_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR}
 
 
 def host_attr(v):

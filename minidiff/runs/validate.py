@@ -17,17 +17,15 @@ minidiff.training.integrity, which knows the trainer's state.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from minidiff.runs.layout import FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, STATUSES, RunFileError, StorageError, \
-    host_attr
+from minidiff.runs.layout import FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, STATUSES, RunFileError, host_attr, \
+    storage_error
 from minidiff.runs.tree import TreeError, crc32_of, read_tree
 
 
@@ -216,17 +214,3 @@ def check_samples(group, path) -> None:
         if data.dtype != np.uint8 or data.ndim != 4:
             raise RunFileError(f"{path}: samples/{name} is damaged ({data.dtype} {data.shape}, uint8 (N, C, H, W) "
                                "expected)")
-
-
-def storage_error(path, exc: OSError, action: str = "write"):
-    """The StorageError for an OSError that the file system raised while `action`-ing `path`, or a RunFileError
-    when the error is the input's (a name too long, a path through a file)."""
-    code = getattr(exc, "errno", None)
-    reason = os.strerror(code) if code else (str(exc).splitlines() or [type(exc).__name__])[0]
-    if code in _INPUT_ERRNOS:
-        return RunFileError(f"cannot {action} {path}: {reason}")
-    return StorageError(code, f"cannot {action} {path}: {reason}")
-
-
-# the path given is wrong, the machine is fine
-_INPUT_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR}

@@ -20,6 +20,8 @@ from minidiff.runs.file import RunFileError
 
 # Entries a checkpoint may lack: run files written before the instruments kept state
 OPTIONAL = {"instruments"}
+# The instruments' carried gradient: None, or one array per parameter (a fresh trainer's state has None)
+CARRIED_GRADS = "instruments/previous_grads"
 
 
 def check_checkpoint(trainer, state, path) -> None:
@@ -35,9 +37,7 @@ def check_checkpoint(trainer, state, path) -> None:
 
 def _layout_problem(value, template, where, params):
     """(where, what) of the first place `value` differs from `template` in layout, or None. `params` is the layout of
-    the carried gradients (instruments/previous_grads: None, or one array per parameter)."""
-    if where == "instruments/previous_grads":
-        return None if value is None else _layout_problem(value, params, where + "/", params)
+    the carried gradients (CARRIED_GRADS)."""
     if isinstance(template, dict):
         if not isinstance(value, dict):
             return where, f"is a {type(value).__name__}, a group of entries expected"
@@ -48,7 +48,11 @@ def _layout_problem(value, template, where, params):
         if extra:
             return where, f"holds {', '.join(extra)}, which this run does not have"
         for key in (k for k in template if k in value):
-            found = _layout_problem(value[key], template[key], f"{where.rstrip('/')}/{key}".lstrip("/"), params)
+            path = f"{where}/{key}".lstrip("/")
+            expected = params if path == CARRIED_GRADS else template[key]
+            if path == CARRIED_GRADS and value[key] is None:
+                continue
+            found = _layout_problem(value[key], expected, path, params)
             if found is not None:
                 return found
         return None
