@@ -74,6 +74,8 @@ def main():
 
 
 EX_IOERR = 74   # sysexits.h: an error while doing I/O on some file (here: any failure of the machine)
+# a run file argument; whether it can be read is minidiff's to say: a denied read is the machine's failure (74)
+RUN_FILE = click.Path(exists=True, dir_okay=False, readable=False)
 
 
 class BadInput(click.ClickException):
@@ -267,7 +269,7 @@ def _report_done(out, write_grid: bool):
 
 
 @main.command("resume", cls=_OneLineUsageErrors)
-@click.argument("run_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("run_file", type=RUN_FILE)
 @click.option("--steps", type=click.IntRange(min=1), help="Continue to this many steps in total. "
                                                           "[default: the run's planned steps]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -320,7 +322,7 @@ def _run_training(trainer, run, until, quiet):
 
 
 @main.command("sample", cls=_OneLineUsageErrors)
-@click.argument("run_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("run_file", type=RUN_FILE)
 @click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of samples.")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), help="DDIM steps. [default: 50, or the run's timesteps if fewer]")
@@ -345,7 +347,7 @@ def sample_command(run_file, n, sampler, steps, eta, ema, seed, out, overwrite):
 
 
 @main.command("inspect", cls=_OneLineUsageErrors)
-@click.argument("run_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("run_file", type=RUN_FILE)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: config, status, steps and the last finite "
                                                       "value of every metric (vectors as lists).")
 def inspect_command(run_file, as_json):
@@ -355,7 +357,7 @@ def inspect_command(run_file, as_json):
 
 
 @main.command("evaluate", cls=_OneLineUsageErrors)
-@click.argument("run_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("run_file", type=RUN_FILE)
 @click.option("--n", "n", type=click.IntRange(min=2), help="Samples. [default: the run's eval_samples, 256]")
 @click.option("--steps", type=click.IntRange(min=1), help="DDIM steps. [default: the run's eval_steps, 25]")
 @click.option("--seed", type=click.IntRange(min=0), help="Sampling seed. [default: the run's seed + 3000, as its "
@@ -376,7 +378,7 @@ def evaluate_command(run_file, n, steps, seed, ema, as_json):
 # --- comparison and sweeps ------------------------------------------------------------------------------------------
 
 @main.command("compare", cls=_OneLineUsageErrors)
-@click.argument("run_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("run_files", nargs=-1, required=True, type=RUN_FILE)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for report.md and figures/.")
 @click.option("--label", "labels", multiple=True, help="One per run file, in order. [default: the file names]")
 @click.option("--target", type=float, help="val_loss at which the table's steps and seconds to target are read. "

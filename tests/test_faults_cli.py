@@ -241,6 +241,27 @@ def _one_line_problem(result, *fragments):
     return f"{missing} not in {lines[0]}" if missing else None
 
 
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_run_file_that_cannot_be_read_is_the_machines_failure_exit_74(good, tmp_path, monkeypatch, command):
+    """A denied read (permissions, a lost mount): simulated, since the suite may run as root, who reads anything."""
+    import builtins
+    from minidiff.runs import validate
+
+    path = tmp_path / "r.h5"
+    path.write_bytes(good["moons"])
+
+    def denied(name, *args, **kwargs):
+        if str(name) == str(path):
+            raise PermissionError(13, "Permission denied", str(name))
+        return builtins.open(name, *args, **kwargs)
+    monkeypatch.setattr(validate, "open", denied, raising=False)
+    result = invoke(*COMMANDS[command](path, tmp_path))
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    held = (result.exit_code == 74 and len(lines) == 1 and f"cannot read {path}: Permission denied" in lines[0]
+            and path.read_bytes() == good["moons"])
+    assert count("unreadable run file (CLI)", held), result.output
+
+
 # --- config files with values of the wrong kind, and a run that diverges only in its optimizer state ----------------
 @pytest.mark.parametrize("values, extra, fragment", [
     ({"model_options": 5}, ["--base-channels", "8"], "json must be a mapping (a table), got 5"),
