@@ -408,6 +408,31 @@ def test_one_writer_per_run_file_readers_still_read_and_the_lock_dies_with_its_p
     RunFile.open(path, mode="a").close()
 
 
+_SLOW_HOLDER = textwrap.dedent("""
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(0.2)          # locked, its process id not yet written: a second writer arriving now must wait for it
+    os.write(fd, str(os.getpid()).encode())
+    time.sleep(30)
+""")
+
+
+def test_a_writer_refused_just_as_the_holder_locks_still_names_the_holder(tmp_path):
+    path = tmp_path / "run.h5"
+    _new(tmp_path).close()
+    holder = subprocess.Popen([sys.executable, "-c", _SLOW_HOLDER, str(tmp_path / "run.h5.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFileError, match=f"being written by process {holder.pid};"):
+            RunFile.open(path, mode="a")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_write_the_file_system_refuses_is_a_storage_error_and_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     import errno
     from minidiff.runs import publish

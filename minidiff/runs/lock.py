@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 from minidiff.runs.layout import RunFileError
@@ -59,7 +60,7 @@ def acquire(path) -> None:
         for _ in range(100):
             fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
             if not _try_lock(fd):
-                pid = _read_pid(fd)
+                pid = _read_pid(fd, wait=True)
                 os.close(fd)
                 who = f"process {pid}" if pid else "another process"
                 raise RunFileLockedError(f"{path} is being written by {who}; wait for it to end (inspect, sample "
@@ -148,9 +149,17 @@ def _write_pid(fd) -> None:
         pass
 
 
-def _read_pid(fd):
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        return int(os.read(fd, 32).decode().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
+def _read_pid(fd, wait: bool = False):
+    """The holder's process id from the lock file, or None. wait: give a holder that has just locked up to ~0.5 s to
+    write it (it locks first, then writes: a writer refused in between would otherwise name nobody)."""
+    for _ in range(50 if wait else 1):
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            pid = int(os.read(fd, 32).decode().strip() or 0) or None
+        except (OSError, ValueError):
+            pid = None
+        if pid is not None:
+            return pid
+        if wait:
+            time.sleep(0.01)
+    return None
