@@ -7,7 +7,8 @@ import pytest
 from minidiff.optim import SGD, Adam, AdamW, NAdam
 from minidiff.optim.bucket_momentum import BucketMomentum
 from minidiff.training.config import TrainConfig
-from minidiff.training.trainer import Trainer, resume_run, start_run
+from minidiff.training.trainer import Trainer
+from minidiff.training.session import resume_run, start_run
 
 SHAPES = {"w": (5, 3), "b": (5,), "gain": ()}
 OPTIMIZERS = [("momentum", SGD, {"lr": 0.05, "momentum": 0.9}),

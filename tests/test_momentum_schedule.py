@@ -10,7 +10,8 @@ from minidiff.optim import SGD, Adam, AdamW, NAdam
 from minidiff.optim.momentum_schedules import make_momentum_schedule, momentum_attribute, set_momentum
 from minidiff.runs.file import RunFile
 from minidiff.training.config import TrainConfig
-from minidiff.training.trainer import Trainer, resume_run, start_run
+from minidiff.training.trainer import Trainer
+from minidiff.training.session import resume_run, start_run
 
 SHAPES = {"w": (4, 3, 3), "b": (4,), "gain": ()}
 STEPS = 60

@@ -15,7 +15,7 @@ from minidiff.study.compare import (Group, RunData, default_target, render_repor
 from minidiff.study.run_tools import summary_json
 from minidiff.study.sweep import write_results
 from minidiff.training.config import TrainConfig
-from minidiff.training.trainer import start_run
+from minidiff.training.session import start_run
 
 
 def _fake(label, val, seed=0, status="finished", wall=None):

@@ -8,7 +8,8 @@ from minidiff.diffusion.timesteps import (BucketCycleSampler, CurriculumSampler,
                                           make_timestep_sampler, timestep_bucket_edges)
 from minidiff.runs.file import RunFile
 from minidiff.training.config import TrainConfig
-from minidiff.training.trainer import Trainer, resume_run, start_run
+from minidiff.training.trainer import Trainer
+from minidiff.training.session import resume_run, start_run
 
 
 @pytest.mark.parametrize("T, K", [(1000, 10), (100, 7), (10, 10), (53, 4), (5, 1)])

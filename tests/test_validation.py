@@ -11,7 +11,8 @@ from minidiff.instruments.validation import validation_set
 from minidiff.models import build_model
 from minidiff.runs.file import RunFile
 from minidiff.training.config import TrainConfig
-from minidiff.training.trainer import Trainer, start_run
+from minidiff.training.trainer import Trainer
+from minidiff.training.session import start_run
 
 TINY_UNET = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4)
 
