@@ -207,7 +207,7 @@ def test_a_write_past_the_file_size_limit_ends_with_exit_74_and_resume_finishes_
 
 _TMPFS_SCRIPT = r"""
 D="$1"; OUT="$2"; shift 2
-mount -t tmpfs -o size=1600k tmpfs "$D" || exit 99
+mount -t tmpfs -o size=2000k tmpfs "$D" || exit 99
 cd "$D"
 "$@" train {args} --steps 16 --out r.h5 -q 2> "$OUT/train.err"; echo $? > "$OUT/train.rc"
 "$@" inspect r.h5 > "$OUT/inspect.out" 2>&1; echo $? > "$OUT/inspect.rc"

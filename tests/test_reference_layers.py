@@ -17,9 +17,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-# minidiff.nn.attention imports minidiff.models.base, whose package imports the UNet and so nn.attention: imported
-# first on its own (this file run alone), nn.attention fails half-initialised; through minidiff.models it loads
-import minidiff.models  # noqa: F401
+from minidiff.kernels import channels
 from minidiff.nn import attention, conv, norm
 from minidiff.nn import reference as R
 from test_layers import numeric_grad, rel_error
@@ -46,7 +44,7 @@ def chunking(request, monkeypatch):
     if request.param == "chunks":
         monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
         monkeypatch.setattr(norm, "CHUNK_BYTES", 1)
-        monkeypatch.setattr(norm, "WIDE", 12)
+        monkeypatch.setattr(channels, "WIDE", 12)
     return request.param
 
 
