@@ -15,7 +15,8 @@ from minidiff import __version__
 from minidiff.bench import benchmark as bench
 from minidiff.study import optim_demo
 from minidiff.backend import BackendError
-from minidiff.study.compare import MissingExtra, compare_runs
+from minidiff.study.compare import compare_runs
+from minidiff.study.groups import MissingExtra
 from minidiff.training.config import (DEFAULT_LR, DEVICES, MODEL_NAMES, OPTIMIZER_NAMES, TIMESTEP_SAMPLING, default_run_path,
                              load_config_file)
 from minidiff.datasets import DATASETS, DataError

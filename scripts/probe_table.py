@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidiff.study.compare import load_run
+from minidiff.study.groups import load_run
 
 SETTINGS = [("SGD", "sgd-lr=0.3"), ("heavy ball", "momentum-lr=0.1"), ("Nesterov", "nesterov-lr=0.1"),
             ("Adam beta1 0", "adam-lr=0.001-beta1=0.0"), ("Adam beta1 0.5", "adam-lr=0.003-beta1=0.5"),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from minidiff.runs.file import RunFile
-from minidiff.study.compare import steps_to_target, wall_times
+from minidiff.study.groups import steps_to_target, wall_times
 from minidiff.training.config import TrainConfig
 
 COLUMNS = ["stage", "setting", "optimizer", "lr", "momentum", "beta1", "beta2", "momentum_schedule", "momentum_final",

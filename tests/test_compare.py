@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minidiff.study.compare import (FINAL_ROWS, Group, MissingExtra, RunData, compare_runs, fmt_stats, group_runs, stats,
-                              summarize_groups, wall_times)
+from minidiff.study.compare import compare_runs, fmt_stats
+from minidiff.study.groups import (FINAL_ROWS, Group, MissingExtra, RunData, group_runs, stats, summarize_groups,
+                                   wall_times)
 from minidiff.study.figures import FIGURES, smooth, stack
 from minidiff.training.config import TrainConfig
 from minidiff.runs.file import RunFile

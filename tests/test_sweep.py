@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from minidiff.study.compare import MissingExtra
+from minidiff.study.groups import MissingExtra
 from minidiff.runs.file import RunFile
 from minidiff.study.sweep import expand_grid, load_grid, run_point, run_sweep, sweep_points
 from minidiff.training.session import start_run
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_blas_thread")
 def no_figures(monkeypatch):
     """The report is tested once (local_sweep) and in test_compare.py; elsewhere its figures would only cost time."""
     calls = []
-    monkeypatch.setattr("minidiff.study.sweep.compare_runs", lambda paths, out_dir: calls.append(list(paths)))
+    monkeypatch.setattr("minidiff.study.sweep_results.compare_runs", lambda paths, out_dir: calls.append(list(paths)))
     return calls
 
 

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from minidiff.study.compare import (Group, RunData, default_target, render_report, steps_to_target,
-                                    summarize_groups, wall_times)
+from minidiff.study.compare import render_report
+from minidiff.study.groups import Group, RunData, default_target, steps_to_target, summarize_groups, wall_times
 from minidiff.study.run_tools import summary_json
 from minidiff.study.sweep import write_results
 from minidiff.training.config import TrainConfig
@@ -92,7 +92,7 @@ def run_files(tmp_path_factory):
 
 
 def test_sweep_results_carry_steps_and_seconds_to_target(run_files, monkeypatch):
-    monkeypatch.setattr("minidiff.study.sweep.compare_runs", lambda paths, out_dir: None)
+    monkeypatch.setattr("minidiff.study.sweep_results.compare_runs", lambda paths, out_dir: None)
     write_results(run_files, [])
     text = (run_files / "results.md").read_text()
     assert "Target val_loss" in text and "steps to target" in text

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidiff.study.compare import QUALITY_METRICS, MissingExtra, series
+from minidiff.study.groups import QUALITY_METRICS, MissingExtra, series
 
 
 def _figure(n_panels, ncols=3, size=(4.4, 3.3)):
