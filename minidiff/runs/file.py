@@ -39,7 +39,7 @@ from minidiff import __version__
 from minidiff.backend import to_numpy
 from minidiff.runs import lock
 from minidiff.runs.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, STATUSES, RunFileError, RunFileExistsError,
-                                  StorageError, host_attr, storage_error)
+                                  StorageError, host_attr, merge_rows, storage_error)
 from minidiff.runs.lock import RunFileLockedError
 from minidiff.runs.publish import build_image, fsync_path, now, publish_file, write_synced
 from minidiff.runs.validate import nonfinite_leaf, read_checked, read_state, validate_file
@@ -219,31 +219,7 @@ class RunFile:
         return {k: v.copy() for k, v in self._materialise().items()}
 
     def _materialise(self) -> dict:
-        """Flushed arrays + pending rows -> aligned arrays; rows of one step merge, missing values are NaN."""
-        old, pending = self._flushed, list(self._pending)
-        n_old = len(old["step"])
-        if pending and n_old and pending[0][0] == old["step"][-1]:  # more values for the last flushed row
-            n_old -= 1
-            pending.insert(0, (pending[0][0], {k: v[-1] for k, v in old.items() if k != "step"}))
-        steps, rows = [], []
-        for step, row in pending:
-            if steps and steps[-1] == step:
-                rows[-1].update(row)
-            else:
-                steps.append(step)
-                rows.append(dict(row))
-        out = {"step": np.concatenate([old["step"][:n_old], np.asarray(steps, dtype=np.int64)])}
-        names = [k for k in old if k != "step"] + [k for r in rows for k in r if k not in old]
-        for name in dict.fromkeys(names):
-            width = self._widths.get(name)
-            tail = () if width is None else (width,)
-            new = np.full((len(rows),) + tail, np.nan)
-            for i, r in enumerate(rows):
-                if name in r:
-                    new[i] = r[name]
-            head = old[name][:n_old] if name in old else np.full((n_old,) + tail, np.nan)
-            out[name] = np.concatenate([head, new])
-        return out
+        return merge_rows(self._flushed, self._pending, self._widths)
 
     def flush(self) -> None:
         """Write the pending metrics: the file is rebuilt beside itself and atomically replaced."""

@@ -95,3 +95,32 @@ def write_samples(group, old, new: dict, drop_after) -> None:
             ds.attrs.update(step=step, crc32=crc32_of(images))
         else:
             old.copy(old[f"samples/{step}"], group, str(step))
+
+
+def merge_rows(old: dict, pending: list, widths: dict) -> dict:
+    """Flushed metric arrays + pending rows [(step, {name: value})] -> aligned arrays, one row per step: rows of
+    one step merge, missing values are NaN; widths: name -> vector length (None for a scalar)."""
+    pending = list(pending)
+    n_old = len(old["step"])
+    if pending and n_old and pending[0][0] == old["step"][-1]:  # more values for the last flushed row
+        n_old -= 1
+        pending.insert(0, (pending[0][0], {k: v[-1] for k, v in old.items() if k != "step"}))
+    steps, rows = [], []
+    for step, row in pending:
+        if steps and steps[-1] == step:
+            rows[-1].update(row)
+        else:
+            steps.append(step)
+            rows.append(dict(row))
+    out = {"step": np.concatenate([old["step"][:n_old], np.asarray(steps, dtype=np.int64)])}
+    names = [k for k in old if k != "step"] + [k for r in rows for k in r if k not in old]
+    for name in dict.fromkeys(names):
+        width = widths.get(name)
+        tail = () if width is None else (width,)
+        new = np.full((len(rows),) + tail, np.nan)
+        for i, r in enumerate(rows):
+            if name in r:
+                new[i] = r[name]
+        head = old[name][:n_old] if name in old else np.full((n_old,) + tail, np.nan)
+        out[name] = np.concatenate([head, new])
+    return out
