@@ -283,8 +283,8 @@ def test_off_a_terminal_training_and_sampling_print_plain_progress_lines_and_don
 
 
 def test_the_bar_shows_no_loss_before_the_first_logged_one(tmp_path, monkeypatch):
-    import cli
-    monkeypatch.setattr(cli, "_on_terminal", lambda: True)
+    from minidiff import console
+    monkeypatch.setattr(console, "on_terminal", lambda: True)
     monkeypatch.setattr(click._termui_impl, "isatty", lambda f: True)   # render the bar as on a terminal
     result = invoke("train", *[a for a in FAST if a != "-q"], "--log-every", 3, "--out", tmp_path / "r.h5")
     assert result.exit_code == 0, result.output

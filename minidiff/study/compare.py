@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from minidiff.study.figures import draw_figures
-from minidiff.study.groups import (FINAL_ROWS, MissingExtra, SUMMARY_METRICS, default_target, group_runs, load_run,
-                                   momentum_setting, resolved_lr, series, steps_to_target, summarize_groups)
+from minidiff.study.groups import (FINAL_ROWS, SUMMARY_METRICS, group_runs, load_run, momentum_setting, resolved_lr,
+                                   summarize_groups)
 from minidiff.training.config import TrainConfig
 
 

@@ -10,14 +10,13 @@ from them and minidiff.study.compare writes the report.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from minidiff.training.config import DEFAULT_LR, TrainConfig
+from minidiff.training.config import DEFAULT_LR
 from minidiff.runs.file import RunFile
 
 QUALITY_METRICS = ("fd", "swd")     # images: Frechet distance on classifier features; points: sliced Wasserstein
