@@ -77,7 +77,7 @@ def _launch_all(opt, grads, name, scalars, buffer_names) -> None:
     """kernel(grad, *scalars(dtype type), theta, *buffers) for every chunk of parameters laid end to end whose
     gradients are laid out alike (Optimizer.chunk_grads: one launch for a small model), else for every parameter. The
     step's scalars are made once per dtype, in that dtype, as NumPy rounds a Python float against an array of it."""
-    kernel, made = _kernel(opt._xp, name), {}
+    kernel, made = _kernel(opt.xp, name), {}
     by_chunk = opt.chunk_grads(grads) if opt.chunks_apply() else None
     if by_chunk is not None:
         work = [(chunk.theta, grad, chunk.state) for chunk, grad in zip(opt.chunks, by_chunk)]

@@ -128,6 +128,11 @@ class Optimizer:
 
     # --- hyperparameters ---------------------------------------------------------------------------------------
     @property
+    def xp(self):
+        """The array module of the parameters (NumPy, CuPy or the strict backend's), which the state lives on."""
+        return self._xp
+
+    @property
     def lr(self) -> float:
         return self._lr
 

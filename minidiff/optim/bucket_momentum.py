@@ -37,7 +37,7 @@ class BucketMomentum:
         if int(buckets) < 1:
             raise ValueError(f"buckets must be >= 1, got {buckets}")
         self.optimizer, self.buffer_name, self.buckets = optimizer, names[0], int(buckets)
-        xp = optimizer._xp
+        xp = optimizer.xp
         self.stored = [{name: xp.zeros_like(st[self.buffer_name]) for name, st in optimizer.state.items()}
                        for _ in range(self.buckets)]
         self.steps = np.zeros(self.buckets, dtype=np.int64)   # n_k: the updates each bucket's buffer has absorbed
