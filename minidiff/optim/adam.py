@@ -6,6 +6,19 @@ from minidiff.kernels import optim_cuda as fused
 from minidiff.optim.base import Optimizer, check_beta, check_positive
 
 
+
+def update_moments(xp, m, v, g, tmp, beta1: float, beta2: float) -> None:
+    """The moments Adam and NAdam share, in place (tmp is scratch like g):
+        m_t = m_{t-1} + (1 − β1)(g_t − m_{t-1})   = β1 m_{t-1} + (1 − β1) g_t  (PyTorch's lerp form)
+        v_t = β2 v_{t-1} + (1 − β2) g_t²"""
+    xp.subtract(g, m, out=tmp)
+    tmp *= 1.0 - beta1
+    m += tmp
+    v *= beta2
+    xp.multiply(g, 1.0 - beta2, out=tmp)
+    tmp *= g
+    v += tmp
+
 class Adam(Optimizer):
     r"""Adam exactly as `torch.optim.Adam` defines it (torch/optim/adam.py, `_single_tensor_adam`).
 
@@ -81,13 +94,7 @@ class Adam(Optimizer):
     def _update(self, st, theta, g, tmp, u, coef, diag) -> None:
         xp = self._xp
         m, v = st["exp_avg"], st["exp_avg_sq"]
-        xp.subtract(g, m, out=tmp)                      # m_t = m_{t-1} + (1 − β1)(g_t − m_{t-1})
-        tmp *= 1.0 - self.beta1
-        m += tmp
-        v *= self.beta2                                 # v_t = β2 v_{t-1} + (1 − β2) g_t²
-        xp.multiply(g, 1.0 - self.beta2, out=tmp)
-        tmp *= g
-        v += tmp
+        update_moments(xp, m, v, g, tmp, self.beta1, self.beta2)
         if self.amsgrad:
             xp.maximum(st["max_exp_avg_sq"], v, out=st["max_exp_avg_sq"])   # v_t^max = max(v_{t-1}^max, v_t)
             v = st["max_exp_avg_sq"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from minidiff.optim.adam import update_moments
 from minidiff.optim.base import Optimizer, check_beta, check_nonnegative, check_positive
 
 
@@ -81,13 +82,7 @@ class NAdam(Optimizer):
     def _update(self, st, theta, g, tmp, u, coef, diag) -> None:
         xp = self._xp
         m, v = st["exp_avg"], st["exp_avg_sq"]
-        xp.subtract(g, m, out=tmp)                      # m_t = m_{t-1} + (1 − β1)(g_t − m_{t-1})
-        tmp *= 1.0 - self.beta1
-        m += tmp
-        v *= self.beta2                                 # v_t = β2 v_{t-1} + (1 − β2) g_t²
-        xp.multiply(g, 1.0 - self.beta2, out=tmp)
-        tmp *= g
-        v += tmp
+        update_moments(xp, m, v, g, tmp, self.beta1, self.beta2)
         xp.divide(v, coef["c2"], out=tmp)               # D_t = √(v_t / (1 − β2^t)) + ε
         xp.sqrt(tmp, out=tmp)
         tmp += self.eps
