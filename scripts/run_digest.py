@@ -21,7 +21,8 @@ import sys
 import h5py
 import numpy as np
 
-TIMINGS = {"metrics/step_time", "metrics/wall_time", "checkpoint/state/train_time", "checkpoint/state/accumulators/time"}
+TIMINGS = {"metrics/step_time", "metrics/wall_time", "checkpoint/state/train_time",
+           "checkpoint/state/accumulators/time"}
 
 
 def digests(path, config_keys=None) -> dict:

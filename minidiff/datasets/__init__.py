@@ -56,7 +56,8 @@ def load_dataset(name_or_path=DEFAULT_DATASET, seed: int = 0, holdout: float = 0
     seed drives the generation of procedural sets and their train/test split (independent streams of one
     SeedSequence), so the same arguments give the same arrays bit for bit. Fixed data (the bundled digits, the
     user's files) is split the same way whatever the seed (the split of seed 0): a run's evaluation data -- and the
-    reference of the digits' Frechet distance (minidiff.instruments.quality) -- is then held out from every run's training.
+    reference of the digits' Frechet distance (minidiff.instruments.quality) -- is then held out from every run's
+    training.
     options: `n`, `size` (shapes: 16 or 32), `noise` (point sets); `key`, `labels_key` (files holding several
     arrays). DataError on anything wrong.
     """

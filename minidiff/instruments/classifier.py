@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from minidiff.backend import Backend, backend_of, get_array_module, get_backend, resolve_dtype, to_numpy
-from minidiff.nn.layers import conv2d_backward, conv2d_forward, conv2d_params, init_param, linear_backward, linear_forward, \
-    linear_params, named_specs, silu_backward, silu_forward
+from minidiff.nn.layers import (conv2d_backward, conv2d_forward, conv2d_params, init_param, linear_backward,
+                                linear_forward, linear_params, named_specs, silu_backward, silu_forward)
 
 CLASSIFIER_FILE = "digits_classifier.npz"
 NUM_CLASSES = 10

@@ -21,7 +21,8 @@ per parameter — and each step turns the gradient g_t = ∇f(θ_{t-1}) into an 
 
 The docstring of each class gives its equations in the order and symbols its code uses, and `SGD`'s says how the other
 common ways of writing momentum map onto PyTorch's — and that they stop agreeing once the learning rate changes during
-a run. Around the optimizers: `minidiff.optim.clip` (global-norm clipping), `minidiff.optim.lr_schedules`, `minidiff.optim.ema`.
+a run. Around the optimizers: `minidiff.optim.clip` (global-norm clipping), `minidiff.optim.lr_schedules`,
+`minidiff.optim.momentum_schedules`, `minidiff.optim.ema`.
 
 Usage: `opt = build_optimizer("adam", model_params, lr=2e-4)`, then per batch `opt.step(grads)`; set `opt.lr`
 between steps for a schedule; `opt.step(grads, diagnostics=True)` returns 0-d arrays (update norm, update-to-weight

@@ -81,8 +81,8 @@ def model_spec(config: TrainConfig, dataset) -> tuple[str, dict]:
 def quiet_float_errors():
     """No NumPy overflow/invalid-value warnings: a diverging run says so in one line (non-finite values are caught at
     log and checkpoint steps anyway), and a sweep of many runs does not print pages of them. np.errstate is per
-    thread, so runs in threads (a Dask worker) do not disturb each other; minidiff.execution.threads hands the setting on to
-    its worker threads."""
+    thread, so runs in threads (a Dask worker) do not disturb each other; minidiff.execution.threads hands the
+    setting on to its worker threads."""
     with np.errstate(all="ignore"):
         yield
 
@@ -302,7 +302,7 @@ class Trainer:
                 metrics.update(self.instruments.validate())
             if metrics:
                 run.log(self.step, **metrics)
-                if log_now:  # a rewrite costs ~15 ms: cheap enough that `inspect` and a crash see every log
+                if log_now:  # a rewrite is cheap next to a window of steps: `inspect` and a crash see every log
                     run.flush()
             if diverged:
                 self._diverged(run, diverged)
