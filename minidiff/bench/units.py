@@ -19,6 +19,7 @@ from minidiff.diffusion.samplers import ddim_sample
 from minidiff.diffusion.schedules import make_schedule
 from minidiff.models.unet import UNet
 from minidiff.optim import build_optimizer
+from minidiff.bench.torch_twin import torch_twin
 
 LR = 2e-4  # DDPM's learning rate; the value does not change the work of a step
 
@@ -119,7 +120,6 @@ def make_twin(model):
     """The PyTorch twin on the matching device (CUDA for CuPy), TF32 off so both sides compute in true float32."""
     import torch
 
-    from minidiff.bench.torch_twin import torch_twin
     if model.backend.name == "cupy":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False  # on by default for convolutions; CuPy's matmul does not use TF32

@@ -23,6 +23,8 @@ import numpy as np
 from minidiff.backend import Backend, backend_of, get_array_module, get_backend, resolve_dtype, to_numpy
 from minidiff.nn.layers import (conv2d_backward, conv2d_forward, conv2d_params, init_param, linear_backward,
                                 linear_forward, linear_params, named_specs, silu_backward, silu_forward)
+from minidiff.datasets.builtin import bundled_file
+from minidiff.optim import Adam
 
 CLASSIFIER_FILE = "digits_classifier.npz"
 NUM_CLASSES = 10
@@ -171,7 +173,6 @@ class DigitsClassifier:
 
 def default_classifier_path() -> Path:
     """The shipped weights: `data/digits_classifier.npz`, found like the bundled digits ($MINIDIFF_DATA_DIR first)."""
-    from minidiff.datasets.builtin import bundled_file
     return bundled_file(CLASSIFIER_FILE)
 
 
@@ -199,7 +200,6 @@ def train_digits_classifier(train_x, train_y, epochs=20, batch_size=64, lr=2e-3,
     train_x (N, 1, H, W) host images in [-1, 1], train_y host int labels (N,). No early stopping and no look at any
     held-out data, so the test accuracy reported afterwards is honest. log(epoch, mean_loss, seconds) per epoch.
     """
-    from minidiff.optim import Adam
     clf = DigitsClassifier(image_size=train_x.shape[-1], seed=seed, device=device)
     opt = Adam(clf.params, lr=lr)
     rng = np.random.default_rng(seed)

@@ -23,6 +23,8 @@ import functools
 import numpy as np
 
 from minidiff.backend import to_numpy
+from minidiff.instruments.classifier import load_classifier
+from minidiff.datasets import load_dataset
 
 
 def metric_for(dataset) -> str | None:
@@ -82,13 +84,11 @@ def frechet_distance_features(features1, features2) -> float:
 @functools.lru_cache(maxsize=1)
 def default_classifier():
     """The shipped classifier (data/digits_classifier.npz) on the host, loaded once."""
-    from minidiff.instruments.classifier import load_classifier
     return load_classifier()
 
 
 @functools.lru_cache(maxsize=1)
 def _heldout_digits():
-    from minidiff.datasets import load_dataset
     ds = load_dataset("digits", seed=0)
     return ds.train, ds.test
 

@@ -25,8 +25,8 @@ import json
 
 import numpy as np
 
-from minidiff.instruments import probes, validation
 from minidiff.backend import to_float, to_numpy
+from minidiff.instruments import probes, quality, validation
 
 
 def eval_seed(config) -> int:
@@ -149,7 +149,6 @@ class Instruments:
     # --- sample quality ------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
         """FD (digits) or sliced Wasserstein (points) of EMA samples against the held-out split; {} otherwise."""
-        from minidiff.instruments import quality
 
         t, c = self.trainer, self.trainer.config
         metric = quality.metric_for(t.dataset)

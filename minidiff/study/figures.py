@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from minidiff.study.groups import QUALITY_METRICS, MissingExtra, series
+from minidiff.datasets import make_grid
 
 
 def _figure(n_panels, ncols=3, size=(4.4, 3.3)):
@@ -206,7 +207,6 @@ def _draw_layers(groups, names):
 
 
 def _draw_samples(groups, names):
-    from minidiff.datasets import make_grid
 
     runs = [r for g in groups for r in g.runs if r.samples is not None]
     fig, axes = _figure(len(runs), ncols=4, size=(3.2, 3.5))
