@@ -153,6 +153,18 @@ def test_a_run_follows_the_schedule_and_logs_the_momentum(tmp_path, optimizer, a
         assert np.all(m["lr"] == config.resolved_lr)
 
 
+@pytest.mark.parametrize("optimizer", ["momentum", "nesterov"])
+def test_momentum_scheduled_down_to_zero_finishes_with_plain_sgd_steps_at_the_end(tmp_path, optimizer):
+    """mu_t reaches 0 at the last step: that step is SGD's (as torch.optim.SGD's with momentum 0), logged, and the
+    run finishes."""
+    trainer, run = start_run(_moons(optimizer=optimizer, momentum_schedule="linear", momentum_final=0.0),
+                             tmp_path / "r.h5")
+    trainer.train(run, 12)
+    m = RunFile.open(tmp_path / "r.h5").metrics()
+    assert RunFile.open(tmp_path / "r.h5").status == "finished"
+    assert m["step"][-1] == 12 and m["momentum"][-1] == 0.0 and trainer.optimizer.momentum == 0.0
+
+
 def test_a_constant_schedule_leaves_the_optimizer_alone_and_logs_no_momentum(tmp_path):
     trainer = Trainer(_moons(momentum_final=0.3))
     assert trainer.momentum_schedule is None

@@ -86,6 +86,8 @@ def momentum_attribute(optimizer) -> str:
     raise ValueError(f"{type(optimizer).__name__} without momentum has no momentum coefficient to schedule")
 
 
-def set_momentum(optimizer, value: float) -> None:
-    """Set β1 or μ for the next step (the optimizer reads it at every step, as torch.optim reads its param_group)."""
-    setattr(optimizer, momentum_attribute(optimizer), float(value))
+def set_momentum(optimizer, value: float, attribute: str | None = None) -> None:
+    """Set β1 or μ for the next step (the optimizer reads it at every step, as torch.optim reads its param_group).
+    attribute: `momentum_attribute` of the optimizer as it was built; a schedule that brings μ to 0 passes it, since
+    an SGD at μ = 0 no longer tells heavy ball from plain SGD (its step is then plain SGD's, as torch.optim's is)."""
+    setattr(optimizer, attribute or momentum_attribute(optimizer), float(value))

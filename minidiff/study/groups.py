@@ -85,7 +85,8 @@ def wall_times(metrics: dict) -> np.ndarray:
     ok = np.isfinite(logged)
     if not ok.any():
         return logged
-    return np.interp(steps, steps[ok], logged[ok])
+    # the run's clock reads 0 before its first step: rows before the first logged time interpolate from there
+    return np.interp(steps, np.concatenate([[0.0], steps[ok]]), np.concatenate([[0.0], logged[ok]]))
 
 
 def _config_key(config: dict) -> str:

@@ -108,6 +108,8 @@ class Trainer:
         self.optimizer = build_optimizer(config.optimizer, self.model.params, **config.optimizer_hyperparameters())
         self.lr_schedule = build_lr_schedule(config)
         self.momentum_schedule = build_momentum_schedule(config)
+        # which coefficient the schedule moves, read while it is still the configured (nonzero) one
+        self._momentum_attr = momentum_attribute(self.optimizer) if self.momentum_schedule is not None else None
         self.bucket_momentum = BucketMomentum(self.optimizer, config.timestep_buckets) if config.bucket_momentum \
             else None
         self.ema = EMA(self.model.params, decay=config.ema_decay, warmup=config.ema_warmup)
@@ -156,7 +158,7 @@ class Trainer:
     def _schedule_momentum(self, step: int) -> None:
         """β1 or μ of this step from the momentum schedule; with compensation, the scheduled lr times
         (1 − μ_t) / (1 − μ_0)."""
-        set_momentum(self.optimizer, self.momentum_schedule(step))
+        set_momentum(self.optimizer, self.momentum_schedule(step), self._momentum_attr)
         if self.config.momentum_lr_compensation:
             self.optimizer.lr = self.optimizer.lr * self.momentum_schedule.lr_factor(step)
 
@@ -174,7 +176,7 @@ class Trainer:
         metrics = {"loss": to_float(acc["loss"]) / n, "grad_norm": to_float(acc["grad_norm"]) / n,
                    "lr": float(self.optimizer.lr), "step_time": acc["time"] / n}
         if self.momentum_schedule is not None:
-            metrics["momentum"] = float(getattr(self.optimizer, momentum_attribute(self.optimizer)))
+            metrics["momentum"] = float(getattr(self.optimizer, self._momentum_attr))
         counts = acc["bucket_count"]
         with np.errstate(invalid="ignore", divide="ignore"):
             metrics["timestep_loss"] = np.where(counts > 0, to_numpy(acc["bucket_loss"]) / counts, np.nan)
