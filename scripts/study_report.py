@@ -147,8 +147,10 @@ def batch_section(rows) -> list:
 
 def probes_section(rows, series) -> list:
     out = ["## Claim (c): bucket gradients against their noise (10 buckets, probe batch 512, probes at steps >= 500)",
-           "", "cos(a, b): cosine between bucket a's and bucket b's probe gradients; ceiling: the split-half cosine of "
-           "a bucket's gradient with itself (two disjoint halves of its probe batch).", ""]
+           "", "cos(a, b): cosine between bucket a's and bucket b's probe gradients (each on the whole probe batch). "
+           "Ceilings: the split-half cosine rho of a bucket's gradient with itself (two disjoint halves of its probe "
+           "batch), then 2 rho / (1 + rho), the Spearman-Brown step from half to the whole batch: what a bucket's "
+           "gradient would reach against an independent draw of itself at the probe's batch size.", ""]
     body = []
     for r in select(rows, "probes"):
         cos, half = probe_summary(series[rows.index(r)])
@@ -158,9 +160,10 @@ def probes_section(rows, series) -> list:
         adjacent = np.mean([cos[i, i + 1] for i in range(b - 1)])
         body.append([f"{r['prediction']} / {r['weighting']}", f"{cos[0, -1]:+.2f}", f"{cos[0, 1]:+.2f}",
                      f"{adjacent:+.2f}", f"{cos[-2, -1]:+.2f}",
-                     " ".join(f"{h:.2f}" for h in half) if half is not None else "—"])
+                     " ".join(f"{h:.2f}" for h in half) if half is not None else "—",
+                     " ".join(f"{2 * h / (1 + h):.2f}" for h in half) if half is not None else "—"])
     return out + table(["prediction / weighting", "cos(b0, b9)", "cos(b0, b1)", "mean adjacent", "cos(b8, b9)",
-                        "ceilings b0..b9"], body) + [""]
+                        "split-half b0..b9", "whole-batch ceiling b0..b9"], body) + [""]
 
 
 def timing_section(docs: Path) -> list:
