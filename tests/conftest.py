@@ -1,4 +1,7 @@
-"""Shared fixtures: the backends every layer/model test runs under, the torch reference import, one BLAS thread."""
+"""Shared fixtures: the backends every layer/model test runs under, the torch reference import, one BLAS thread.
+
+Shared functions (the one bitwise comparison, finite differences, the CLI and fault-injection tools) live in
+tests/helpers, imported as `helpers.<module>`: a conftest.py is pytest's to load, not a module to import."""
 
 import numpy as np
 import pytest

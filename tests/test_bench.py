@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from helpers.paths import REPO
 from minidiff.bench.benchmark import format_table, interleaved_times, run_benchmarks
 from minidiff.bench.units import CONFIGS, BenchConfig
 from minidiff.bench.flops import attention_flops, conv2d_flops, linear_flops, unet_flops
@@ -133,8 +134,7 @@ def _run_script(name, *args):
     import os
     import subprocess
     import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     env = dict(os.environ, PYTHONPATH=str(root))
     out = subprocess.run([sys.executable, str(root / "benchmarks" / name), *args], capture_output=True, text=True,
                          env=env, timeout=300)

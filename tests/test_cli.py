@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import click._termui_impl
 import numpy as np
@@ -11,7 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from cli_checks import assert_one_line_error
+from helpers.bitwise import assert_bitwise_equal
+from helpers.cli import assert_one_line_error
+from helpers.paths import CLI_PY, REPO
 from minidiff.runs.file import RunFile
 
 FAST = ["--dataset", "moons", "--steps", "6", "--timesteps", "50", "--batch-size", "32", "--log-every", "2",
@@ -128,24 +129,13 @@ def _checkpoint(path):
     return {k: state[k] for k in ("step", "params", "optimizer", "ema", "rng", "data_order")}
 
 
-def _assert_bitwise_equal(a, b, where=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_bitwise_equal(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a, b), where
-    else:
-        assert a == b, where
-
-
 def test_resume_past_the_planned_steps_equals_a_run_planned_that_long(tmp_path):
     straight, split = tmp_path / "straight.h5", tmp_path / "split.h5"
     assert invoke("train", *FAST, "--steps", "12", "--out", straight).exit_code == 0
     assert invoke("train", *FAST, "--out", split).exit_code == 0  # FAST plans 6 steps
     result = invoke("resume", split, "--steps", "12", "-q")
     assert result.exit_code == 0, result.output
-    _assert_bitwise_equal(_checkpoint(straight), _checkpoint(split))
+    assert_bitwise_equal(_checkpoint(straight), _checkpoint(split))
     assert RunFile.open(split).config["steps"] == 12  # inspect no longer says "12 logged / 6 planned"
     assert "12 logged / 12 planned" in invoke("inspect", split).output
 
@@ -189,7 +179,7 @@ def test_resume_past_the_plan_of_a_total_dependent_lr_schedule_is_refused_untouc
 def test_diverging_train_prints_one_error_line_no_warnings_and_marks_the_run_diverged(tmp_path):
     out = tmp_path / "div.h5"
     # a real process: pytest's own warning capture would hide the RuntimeWarnings this is about
-    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "cli.py"), "train", *FAST,
+    proc = subprocess.run([sys.executable, str(CLI_PY), "train", *FAST,
                            "--optimizer", "sgd", "--lr", "1e6", "--out", str(out)], capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 1, proc.stderr  # documented in `minidiff --help`: 1 = diverged
@@ -234,8 +224,7 @@ def test_config_file_may_set_out_overwrite_quiet_and_base_channels(tmp_path):
 
 def test_console_script_and_python_cli_both_work():
     for cmd in (["minidiff", "--help"], [sys.executable, "cli.py", "--help"]):
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__)
-                                                                             .parents[1]))
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
         assert result.returncode == 0 and "train" in result.stdout
 
 
@@ -243,7 +232,7 @@ def test_a_digits_run_diverging_at_an_evaluation_step_ends_with_one_line_and_sta
     """Evaluation (the FD of EMA samples) once ran before the divergence check and raised on NaN samples: a
     traceback, and the file left 'running'. Here the run blows up before its first evaluation (step 5)."""
     out = tmp_path / "div.h5"
-    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "cli.py"), "train", "--dataset", "digits",
+    proc = subprocess.run([sys.executable, str(CLI_PY), "train", "--dataset", "digits",
                            "--base-channels", "8", "--steps", "10", "--log-every", "5", "--eval-every", "5",
                            "--eval-samples", "16", "--probe-every", "0", "--timesteps", "50", "--batch-size", "16",
                            "--optimizer", "sgd", "--lr", "1e8", "--grad-clip", "0", "--out", str(out), "-q"],

@@ -4,11 +4,13 @@ import gzip
 import struct
 import zipfile
 import zlib
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
+from helpers.paths import REPO
 from minidiff.backend import get_backend
 from minidiff.datasets import (DATASETS, BatchIterator, DataError, encode_png, load_dataset, save_image_grid, to_uint8,
                            write_idx)
@@ -370,9 +372,8 @@ def test_every_bundled_file_the_package_opens_ships_in_the_wheel():
     `minidiff train` failed at its first evaluation)."""
     import re
     import tomllib
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     shipped = {Path(p).name for files in tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
                ["data-files"].values() for p in files}
     opened = {m for path in (root / "minidiff").rglob("*.py")

@@ -6,14 +6,13 @@ import struct
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 
+from helpers.paths import CLI_PY as CLI
 from minidiff.instruments.quality import digits_fd, reference_levels
 from minidiff.runs.file import RunFile
 
-CLI = Path(__file__).resolve().parents[1] / "cli.py"
 STEPS, LOG_EVERY = 200, 20  # ~20 s on a 2-core CPU with the default model (UNet, base_channels 16, 177k parameters)
 N_SAMPLES, TILE, PAD = 256, 64, 2  # the grid: ceil(sqrt(256)) = 16 tiles a row, 8x8 digits upscaled 8x, 2 px frames
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from cli_checks import assert_one_line_error
+from helpers.cli import assert_one_line_error
 from minidiff.training.config import TrainConfig
 from minidiff.study.run_tools import evaluate_run
 from minidiff.runs.file import RunFile

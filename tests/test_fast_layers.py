@@ -17,7 +17,7 @@ from minidiff.nn import norm
 from minidiff.execution import threads as parallel
 from minidiff.nn import layers as L
 from minidiff.backend import to_numpy
-from test_layers import check_gradients, randn
+from helpers.gradcheck import check_gradients, randn
 
 NHWC_CONV_CASES = [  # N, H, W, C, O, (kh, kw), stride, padding
     (3, 5, 4, 2, 3, (3, 3), 1, 1),        # the UNet's 3x3 "same" conv, odd sizes, several chunks

@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fault_checks import (bitwise_problem, count, edit, metrics_problem, replace_leaf, set_leaf, tally_problem,
-                          untimed)
+from helpers.bitwise import bitwise_problem, untimed
+from helpers.faults import count, edit, metrics_problem, replace_leaf, set_leaf, tally_problem
 from minidiff.runs.file import RunFile, RunFileError
 from minidiff.runs import lock
 from minidiff.runs.tree import crc32_of

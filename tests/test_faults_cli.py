@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from fault_checks import (CLI, DIGITS, MOONS, bitwise_problem, contract_problem, count, edit, replace_leaf, set_leaf,
-                          tally_problem)
+from helpers.bitwise import bitwise_problem
+from helpers.faults import CLI, DIGITS, MOONS, contract_problem, count, edit, replace_leaf, set_leaf, tally_problem
 from minidiff.runs.file import RunFile
 
 pytest.importorskip("matplotlib", reason="compare and the 2-D sample scatter need matplotlib ('.[plots]')")

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from fault_checks import (CLI, MOONS, bitwise_problem, contract_problem, count, metrics_problem, run_cli, tally_problem,
-                          untimed)
+from helpers.bitwise import bitwise_problem, untimed
+from helpers.faults import CLI, MOONS, contract_problem, count, metrics_problem, run_cli, tally_problem
 from minidiff.runs import lock
 from minidiff.runs.file import RunFile
 

@@ -7,7 +7,8 @@ import pytest
 from minidiff.backend import get_backend, to_numpy
 from minidiff.kernels.flat import FlatArrays, gather, chunks as flat_chunks, total_size
 from minidiff.optim import Adam, build_optimizer
-from test_optim import CONFIGS, _on
+from helpers.bitwise import assert_bitwise_equal
+from helpers.optim_cases import CONFIGS, on_backend
 
 CHUNK_SHAPES = {"a": (7, 3), "b": (4,), "c": (3, 2, 2), "d": (40,), "e": (5,)}   # CHUNK_SIZE 16: a | b c | d | e
 
@@ -51,18 +52,16 @@ def test_parameters_end_to_end_are_stepped_a_chunk_at_a_time_with_the_same_bits(
             if step == 2:
                 opt.lr = opt.lr * 0.5
             copies.clear()
-            opt.step(_flat_or_not(be, True, _on(be, g, np.float32)) if flat_grads else _on(be, g, np.float32),
-                     diagnostics=step == 3)
+            g = on_backend(be, g, np.float32)
+            opt.step(_flat_or_not(be, True, g) if flat_grads else g, diagnostics=step == 3)
             # g_t of a chunk comes from one slice of gradients laid out like the parameters, else array by array
             assert len(copies) == (4 if flat_grads and step != 3 else 5)
         assert len(calls) == (5 if flat else 0)
         results.append(({k: to_numpy(v) for k, v in params.items()}, opt.state_dict()["buffers"]))
     want, want_bufs = results[0]
     for got, got_bufs in results[1:]:
-        for k in CHUNK_SHAPES:
-            assert np.array_equal(got[k], want[k]), k
-            for b in want_bufs[k]:
-                assert np.array_equal(got_bufs[k][b], want_bufs[k][b]), (k, b)
+        assert_bitwise_equal(got, want)
+        assert_bitwise_equal(got_bufs, want_bufs)
 
 
 def test_a_parameter_array_replaced_in_the_dict_is_stepped_where_it_now_is():

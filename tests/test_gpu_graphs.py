@@ -14,6 +14,7 @@ from minidiff.diffusion.samplers import ddim_sample
 from minidiff.diffusion.schedules import make_schedule
 from minidiff.execution.graphs import CudaGraphs
 from minidiff.models.unet import UNet
+from helpers.cublas_layouts import layout_cases
 
 try:
     GPU = get_backend("gpu")
@@ -26,7 +27,6 @@ SMALL_UNET = dict(base_channels=16, groups=4, channel_mults=(1, 2), attention_le
 def test_direct_cublas_products_match_cupy_matmul_for_every_layout():
     import cupy
     from minidiff.kernels.cublas import matmul
-    from test_cublas_plan import layout_cases
     for dtype, rtol in ((np.float32, 1e-5), (np.float64, 1e-12)):
         for name, a, b in layout_cases(np.random.default_rng(0), lambda h: cupy.asarray(h, dtype=dtype)):
             want = cupy.asnumpy(cupy.matmul(a, b))

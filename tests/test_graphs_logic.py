@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 
+from helpers.bitwise import assert_bitwise_equal
 from minidiff.execution import graphs as graphs_gpu
 from minidiff.execution.graphs import CudaGraphs
 from minidiff.kernels.capture import CaptureNeedsWarmUp
@@ -141,20 +142,13 @@ def train(model, steps, n=4, first=0):
     return got
 
 
-def assert_same(got, want):
-    assert len(got) == len(want)
-    for (a, da), (b, db) in zip(got, want):
-        np.testing.assert_array_equal(a, b)
-        assert da == db
-
-
 def graphed(enabled=True):
     return CudaGraphs(OneWeight(), enabled=enabled)
 
 
 def test_one_eager_step_then_captures_then_replays_with_the_eager_results():
     model, eager = graphed(), graphed(False)
-    assert_same(train(model, 5), train(eager, 5))
+    assert_bitwise_equal(train(model, 5), train(eager, 5))
     modes = [mode for _, mode in model.model.calls]
     # step 1 eager; step 2 captures each pass and launches it (a capture alone computes nothing); then replays
     assert modes == ["eager", "eager", "capture", "replay", "capture", "replay"] + ["replay"] * 6
@@ -184,7 +178,7 @@ def test_forwards_without_cache_in_between_leave_the_pending_backward_alone():
             m.forward(*batch(50 + step, n=2), cache=False)
             m.forward(x[::-1].copy(), t[::-1].copy(), cache=False)   # the same shape as the cached forward
             m.got.append((np.array(out), float(m.backward(out * 2.0)["w"][0])))
-    assert_same(model.got, eager.got)
+    assert_bitwise_equal(model.got, eager.got)
     assert len(model.entries) == 3 and model.graph_count() == 3
 
 
@@ -193,7 +187,7 @@ def test_a_capture_that_needs_a_warm_up_runs_eagerly_and_captures_the_next_time(
         model, eager = graphed(), graphed(False)
         train(model, 1)
         model.model.fail[kind] = CaptureNeedsWarmUp("a new scratch buffer")
-        assert_same(train(model, 4, first=1), train(eager, 5)[1:])
+        assert_bitwise_equal(train(model, 4, first=1), train(eager, 5)[1:])
         assert model.enabled and not model.model.fail
         entry, = model.entries.values()
         assert entry.forward_graph is not None and entry.backward_graph is not None
@@ -206,7 +200,7 @@ def test_a_failed_capture_turns_graphs_off_with_a_warning_and_the_step_is_still_
         with pytest.warns(RuntimeWarning, match="CUDA graphs are off"):
             got = train(model, 4)
         assert not model.enabled
-        assert_same(got, train(eager, 4))
+        assert_bitwise_equal(got, train(eager, 4))
 
 
 def test_an_interrupted_capture_leaves_no_tape_of_its_own_behind():
@@ -223,7 +217,7 @@ def test_an_interrupted_capture_leaves_no_tape_of_its_own_behind():
         model.backward(out)
     eager = graphed(False)
     eager.model.w = model.model.w
-    assert_same(train(model, 3, first=3), train(eager, 3, first=3))   # the forward is captured anew
+    assert_bitwise_equal(train(model, 3, first=3), train(eager, 3, first=3))   # the forward is captured anew
     assert model.enabled
 
 
@@ -242,7 +236,7 @@ def test_at_most_max_entries_signatures_are_captured_and_the_rest_run_eagerly():
     sizes = list(range(1, graphs_gpu.MAX_ENTRIES + 3))
     for m in (model, eager):
         m.got = [train(m, 1, n=n, first=r)[0] for r in range(3) for n in sizes]
-    assert_same(model.got, eager.got)
+    assert_bitwise_equal(model.got, eager.got)
     assert model.graph_count() == graphs_gpu.MAX_ENTRIES
     unused = [e for e in model.entries.values() if e.forward_graph is None]
     assert len(unused) == 2 and all(e.x is None for e in unused)   # no static buffers where nothing was captured
@@ -255,4 +249,4 @@ def test_wrap_replays_graphs_on_cupy_unless_they_are_turned_off(monkeypatch):
         monkeypatch.setattr(graphs_gpu, "ENABLED", enabled)
         runner = wrap(OneWeight())
         assert isinstance(runner, CudaGraphs) and runner.enabled == enabled
-        assert_same(train(runner, 3), train(graphed(False), 3))
+        assert_bitwise_equal(train(runner, 3), train(graphed(False), 3))

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from helpers.bitwise import assert_bitwise_equal
 from minidiff.backend import to_numpy
 from minidiff.training.config import TrainConfig
 from minidiff.runs.file import RunFile
@@ -39,8 +40,7 @@ def test_instruments_state_through_hdf5_gives_the_first_probe_its_consecutive_gr
                          "instruments": first.instruments.state_dict()})
     saved = RunFile.open(tmp_path / "r.h5").load_checkpoint()
     for k, g in first.instruments._previous_grads.items():  # host copies, bit for bit through HDF5
-        assert isinstance(saved["instruments"]["previous_grads"][k], np.ndarray)
-        assert np.array_equal(saved["instruments"]["previous_grads"][k], to_numpy(g))
+        assert_bitwise_equal(saved["instruments"]["previous_grads"][k], to_numpy(g), k)
 
     trainer_state = {k: v for k, v in saved["trainer"].items() if k != "instruments"}  # as before the fix
     without = Trainer(_config(device))

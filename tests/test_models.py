@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 
+from helpers.bitwise import assert_bitwise_equal
+from helpers.twins import TOL, compare_with_twin, perturbed
 from minidiff.backend import to_numpy
 from minidiff.execution import DataParallel, ModelWrapper, wrap
 from minidiff.models import MODELS, MLPDenoiser, build_model
 from minidiff.models.unet import UNet
 from minidiff.nn.tape import NoTape, Tape
-from test_unet import TOL, compare_with_twin, perturbed
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -35,7 +36,7 @@ def test_registry_rebuilds_every_model_from_its_json_config():
         model = build_model(name, seed=5, **kwargs)
         clone = build_model(name, **json.loads(json.dumps(model.config)))
         assert clone.config == model.config
-        assert all(np.array_equal(clone.params[k], model.params[k]) for k in model.params)
+        assert_bitwise_equal(clone.params, model.params)
 
 
 def test_mlp_rejects_wrong_shapes():
@@ -56,23 +57,20 @@ def _trained_once(backend, name):
     return model, (x, t, dout), model.forward(x, t), model.backward(dout)
 
 
-def _same(a, b):
-    a, b = to_numpy(a), to_numpy(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_the_passes_on_a_tape_of_the_callers_are_the_forward_and_backward_and_keep_nothing(cpu_backend, name):
     model, (x, t, dout), out, grads = _trained_once(cpu_backend, name)
     tape = Tape()
-    assert _same(model.forward_pass(x, t, tape), out) and len(tape) > 0
+    assert_bitwise_equal(model.forward_pass(x, t, tape), out)
+    assert len(tape) > 0
     with pytest.raises(RuntimeError, match="backward needs a forward"):   # the model kept no tape of its own
         model.backward(dout)
     with pytest.raises(RuntimeError, match="out of step"):   # a cache below the forward's is left on the tape
         model.backward_pass(dout, Tape(["an earlier cache", *tape]))
     passed = model.backward_pass(dout, tape)
-    assert not tape and model.params.same_layout(passed) and _same(passed.flat, grads.flat)
-    assert _same(model.forward_pass(x.astype(np.float64), t, NoTape()), out)   # cast to the model's dtype
+    assert not tape and model.params.same_layout(passed)
+    assert_bitwise_equal(passed.flat, grads.flat)
+    assert_bitwise_equal(model.forward_pass(x.astype(np.float64), t, NoTape()), out)   # cast to the model's dtype
 
 
 def test_moved_parameters_keep_their_values_and_layout_and_the_model_uses_them():
@@ -80,7 +78,8 @@ def test_moved_parameters_keep_their_values_and_layout_and_the_model_uses_them()
     before = model.params.flat.copy()
     flat = np.full(before.shape, np.nan, dtype=before.dtype)
     model.move_params(flat)
-    assert model.params.flat is flat and _same(flat, before) and model.params.intact()
+    assert model.params.flat is flat and model.params.intact()
+    assert_bitwise_equal(flat, before)
     model.params["conv_in.bias"][...] = 7.0
     assert flat[model.params.spans["conv_in.bias"][0]] == 7.0
 
@@ -92,7 +91,8 @@ def test_wrap_splits_only_independent_images_and_keeps_the_model_interface_and_i
     assert isinstance(runner, ModelWrapper) and isinstance(runner, DataParallel) == (name == "unet")
     assert runner.params is model.params and runner.config == model.config and runner.dtype == model.dtype
     assert runner.backend == model.backend and runner.num_params() == model.num_params()
-    assert _same(runner.forward(x, t), out) and _same(runner.backward(dout).flat, grads.flat)   # one chunk here
+    assert_bitwise_equal(runner.forward(x, t), out)   # one chunk here
+    assert_bitwise_equal(runner.backward(dout).flat, grads.flat)
     with pytest.raises(RuntimeError, match="once per forward"):
         runner.backward(dout)
     runner.load_params({k: np.zeros(v.shape) for k, v in model.params.items()})

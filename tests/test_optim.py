@@ -8,18 +8,10 @@ import pytest
 
 from minidiff.backend import get_backend, to_numpy
 from minidiff.optim import OPTIMIZERS, SGD, Adam, AdamW, NAdam, build_optimizer
+from helpers.bitwise import assert_bitwise_equal
+from helpers.optim_cases import CONFIGS, on_backend
 
 SHAPES = {"w": (6, 5), "b": (5,), "k": (2, 3, 3)}
-CONFIGS = {
-    "sgd": ("sgd", {"lr": 0.05, "weight_decay": 0.01}),
-    "momentum": ("momentum", {"lr": 0.02, "momentum": 0.9, "dampening": 0.1}),
-    "nesterov": ("nesterov", {"lr": 0.02, "momentum": 0.9}),
-    "adam": ("adam", {"lr": 0.01, "weight_decay": 0.01}),
-    "adam-amsgrad": ("adam", {"lr": 0.01, "amsgrad": True}),
-    "adam-no-bias-correction": ("adam", {"lr": 0.01, "bias_correction": False}),
-    "adamw": ("adamw", {"lr": 0.01}),
-    "nadam": ("nadam", {"lr": 0.01, "weight_decay": 0.01}),
-}
 
 
 def _params(backend, rng, dtype=np.float64):
@@ -29,10 +21,6 @@ def _params(backend, rng, dtype=np.float64):
 def _grad_sequence(n, seed=3):
     rng = np.random.default_rng(seed)
     return [{k: rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(n)]
-
-
-def _on(backend, grads, dtype=np.float64):
-    return {k: backend.asarray(v, dtype=dtype) for k, v in grads.items()}
 
 
 # --- closed-form behaviour -----------------------------------------------------------------------------------------
@@ -139,7 +127,7 @@ def test_state_dict_round_trip_mid_run_continues_bit_identically(cpu_backend, co
     params = _params(cpu_backend, np.random.default_rng(0))
     opt = build_optimizer(name, params, **hyper)
     for g in grads[:15]:
-        opt.step(_on(cpu_backend, g))
+        opt.step(on_backend(cpu_backend, g))
     saved_params = {k: to_numpy(v).copy() for k, v in params.items()}
     sd = opt.state_dict()
     if via_hdf5:
@@ -148,18 +136,16 @@ def test_state_dict_round_trip_mid_run_continues_bit_identically(cpu_backend, co
         with h5py.File(tmp_path / "opt.h5", "r") as f:
             sd = _read_h5(f)
     for g in grads[15:]:
-        opt.step(_on(cpu_backend, g))
+        opt.step(on_backend(cpu_backend, g))
 
     resumed = {k: cpu_backend.asarray(v) for k, v in saved_params.items()}
     opt2 = build_optimizer(name, resumed, **{**hyper, "lr": 123.0})  # lr comes back from the state_dict
     opt2.load_state_dict(sd)
     for g in grads[15:]:
-        opt2.step(_on(cpu_backend, g))
+        opt2.step(on_backend(cpu_backend, g))
     assert opt2.lr == opt.lr and opt2.step_count == opt.step_count == 30
-    for k in params:
-        assert np.array_equal(to_numpy(params[k]), to_numpy(resumed[k]))
-        for b in opt.state[k]:
-            assert np.array_equal(to_numpy(opt.state[k][b]), to_numpy(opt2.state[k][b]))
+    assert_bitwise_equal({k: to_numpy(v) for k, v in resumed.items()}, {k: to_numpy(v) for k, v in params.items()})
+    assert_bitwise_equal(opt2.state_dict()["buffers"], opt.state_dict()["buffers"])
 
 
 def test_load_state_dict_refuses_another_optimizers_state():
@@ -214,9 +200,9 @@ def test_bad_last_gradient_leaves_every_parameter_and_all_state_untouched(config
     params = _params(be, np.random.default_rng(0))
     opt = build_optimizer(name, params, **hyper)
     good, bad_step = _grad_sequence(2)
-    opt.step(_on(be, good))  # non-zero buffers, step_count 1
+    opt.step(on_backend(be, good))  # non-zero buffers, step_count 1
     before = (opt.state_dict(), {k: to_numpy(v).copy() for k, v in params.items()})
-    grads = _on(be, bad_step)
+    grads = on_backend(be, bad_step)
     # "k" is the last parameter: the earlier ones were already updated when the step found it
     grads["k"] = {"shape": be.asarray(np.ones(3)), "host": bad_step["k"]}.get(bad)
     if bad == "missing":
@@ -225,10 +211,8 @@ def test_bad_last_gradient_leaves_every_parameter_and_all_state_untouched(config
         opt.step(grads, diagnostics=True)
     after = opt.state_dict()
     assert opt.step_count == before[0]["step"] == 1
-    for k in SHAPES:
-        assert np.array_equal(to_numpy(params[k]), before[1][k])
-        for b, a in after["buffers"][k].items():
-            assert np.array_equal(a, before[0]["buffers"][k][b])
+    assert_bitwise_equal({k: to_numpy(v) for k, v in params.items()}, before[1])
+    assert_bitwise_equal(after["buffers"], before[0]["buffers"])
 
 
 def test_build_optimizer_maps_names_and_refuses_unknown_ones():
@@ -276,13 +260,11 @@ def test_strict_backend_runs_without_host_conversion_and_matches_numpy(config):
         params = _params(be, np.random.default_rng(0), dtype=np.float32)
         opt = build_optimizer(name, params, **hyper)
         for g in _grad_sequence(5):
-            diag = opt.step(_on(be, g, np.float32), diagnostics=True, per_param=True)
+            diag = opt.step(on_backend(be, g, np.float32), diagnostics=True, per_param=True)
         assert all(params[k].dtype == np.float32 for k in params)
         results[device] = ({k: to_numpy(v) for k, v in params.items()},
                            {k: float(to_numpy(v)) for k, v in diag.items() if not isinstance(v, dict)})
-    for k in SHAPES:
-        assert np.array_equal(results["cpu"][0][k], results["strict"][0][k])
-    assert results["cpu"][1] == results["strict"][1]
+    assert_bitwise_equal(results["strict"], results["cpu"])
 
 
 def test_diagnostics_equal_their_definitions():
@@ -401,7 +383,5 @@ def test_the_fused_step_hands_its_kernels_the_generic_steps_numbers(name, hyper,
         results.append((params, opt.state_dict()["buffers"]))
     assert len(launches) == len(grads) * (1 if flat else len(shapes))
     (want, want_bufs), (got, got_bufs) = results
-    for k in shapes:
-        assert np.array_equal(got[k], want[k]), k
-        for b in want_bufs[k]:
-            assert np.array_equal(got_bufs[k][b], want_bufs[k][b]), (k, b)
+    assert_bitwise_equal(dict(got), dict(want))
+    assert_bitwise_equal(got_bufs, want_bufs)

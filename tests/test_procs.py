@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers.bitwise import assert_bitwise_equal
 from minidiff.execution import data_parallel
 from minidiff.execution import processes as procs
 from minidiff.execution.data_parallel import DataParallel
@@ -57,10 +58,7 @@ def test_process_chunks_train_bit_for_bit_like_thread_chunks(two_chunks, monkeyp
             opt.step(model.backward(out - x))
         assert (model.workers is not None) == use_processes == model.in_processes
         runs[use_processes] = outs, {k: v.copy() for k, v in model.params.items()}
-    for a, b in zip(runs[True][0], runs[False][0]):
-        np.testing.assert_array_equal(a, b)
-    for name, p in runs[False][1].items():
-        np.testing.assert_array_equal(runs[True][1][name], p, err_msg=name)
+    assert_bitwise_equal(runs[True], runs[False])
 
 
 def test_an_error_in_a_worker_chunk_is_raised_in_the_caller(two_chunks, monkeypatch):
@@ -140,10 +138,9 @@ def test_fewer_chunks_reuse_the_workers_and_blas_gets_its_threads_back(monkeypat
     monkeypatch.setattr(procs, "USE_PROCESSES", False)   # the same model on threads: the same bits
     threaded = _model(monkeypatch, False)
     threaded.load_params(model.params)
-    np.testing.assert_array_equal(threaded.forward(x[:2], t[:2], cache=False), small)
-    np.testing.assert_array_equal(threaded.forward(x, t), out)
-    for name, g in threaded.backward(out - x).items():
-        np.testing.assert_array_equal(grads[name], g, err_msg=name)
+    assert_bitwise_equal(threaded.forward(x[:2], t[:2], cache=False), small)
+    assert_bitwise_equal(threaded.forward(x, t), out)
+    assert_bitwise_equal(threaded.backward(out - x), grads)
     assert blas.num_threads == 4
 
 

@@ -20,7 +20,7 @@ import pytest
 from minidiff.kernels import channels
 from minidiff.nn import attention, conv, norm
 from minidiff.nn import reference as R
-from test_layers import numeric_grad, rel_error
+from helpers.gradcheck import numeric_grad, rel_error
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers.bitwise import assert_bitwise_equal
 from minidiff.runs.file import RunFile, RunFileError, RunFileExistsError
 from minidiff.backend.strict import StrictArray
 
@@ -36,25 +37,6 @@ def _state(seed=0):
     }
 
 
-def _assert_identical(a, b, where="state"):
-    assert type(a) is type(b), (where, type(a), type(b))
-    if isinstance(a, dict):
-        assert list(a) == list(b), where  # key order too
-        for k in a:
-            _assert_identical(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{where}/{i}")
-    elif isinstance(a, (np.ndarray, np.generic)):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), where
-    elif isinstance(a, float) and a != a:
-        assert b != b, where
-    else:
-        assert a == b, where
-
-
 def _new(tmp_path, name="run.h5", **kw):
     return RunFile.create(tmp_path / name, {"lr": 1e-3, "optimizer": "adam"}, "minidiff train --lr 1e-3", **kw)
 
@@ -63,11 +45,11 @@ def test_checkpoint_round_trip_is_bit_exact_including_128bit_rng_state(tmp_path)
     run = _new(tmp_path)
     state = _state()
     run.save_checkpoint(state)
-    _assert_identical(state, RunFile.open(tmp_path / "run.h5").load_checkpoint())
+    assert_bitwise_equal(state, RunFile.open(tmp_path / "run.h5").load_checkpoint())
     run.log(124, loss=0.5)
     run.flush()  # the checkpoint is now copied into a rebuilt file: still exact, order kept
     back = RunFile.open(tmp_path / "run.h5").load_checkpoint()
-    _assert_identical(state, back)
+    assert_bitwise_equal(state, back)
     restored, original = np.random.default_rng(), np.random.default_rng()
     restored.bit_generator.state, original.bit_generator.state = back["rng"], state["rng"]
     assert restored.standard_normal(5).tobytes() == original.standard_normal(5).tobytes()
@@ -82,7 +64,7 @@ def test_the_tree_store_keeps_nan_payloads_and_infinities_that_a_checkpoint_refu
     with h5py.File(tmp_path / "t.h5", "w") as f:
         write_tree(f, "t", tree)
     with h5py.File(tmp_path / "t.h5", "r") as f:
-        _assert_identical(tree, read_tree(f["t"]))
+        assert_bitwise_equal(tree, read_tree(f["t"]))
     run = _new(tmp_path)
     for where, bad in [("params/w", np.array([1.0, np.nan])), ("lr", float("inf")), ("m/0", np.float32(-np.inf))]:
         path = where.split("/")
@@ -226,7 +208,7 @@ def test_set_config_replaces_the_stored_config_and_keeps_the_checkpoint(tmp_path
     run.set_config({"steps": 12, "seed": 0})
     reopened = RunFile.open(tmp_path / "run.h5")
     assert reopened.config == {"steps": 12, "seed": 0} and reopened.checkpoint_step == run.checkpoint_step
-    _assert_identical(reopened.load_checkpoint(), _state())
+    assert_bitwise_equal(reopened.load_checkpoint(), _state())
     with pytest.raises(RunFileError, match="read-only"):
         reopened.set_config({"steps": 1})
     with pytest.raises(ValueError, match="JSON"):

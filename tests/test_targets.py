@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
+from helpers.cli import assert_one_line_error
 from minidiff.study.compare import render_report
 from minidiff.study.groups import Group, RunData, default_target, steps_to_target, summarize_groups, wall_times
 from minidiff.study.run_tools import summary_json
@@ -173,8 +174,6 @@ def test_study_options_reach_the_run_config_and_its_metrics(tmp_path):
                                             (["--timestep-sampling", "sideways"], "--timestep-sampling"),
                                             (["--val-every", "-1"], "--val-every")])
 def test_bad_study_options_are_one_line_errors(tmp_path, args, fragment):
-    from cli_checks import assert_one_line_error
-
     out = tmp_path / "r.h5"
     assert_one_line_error(CliRunner().invoke(main, ["train", *FAST, *args, "--out", str(out)]), fragment)
     assert not out.exists()

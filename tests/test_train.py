@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 
+from helpers.bitwise import assert_bitwise_equal, untimed
 from minidiff.training.config import TrainConfig
 from minidiff.runs.file import RunFile
 from minidiff.training.session import resume_run, start_run
@@ -32,28 +33,6 @@ def _state(trainer):
     return s["params"], s["optimizer"], s["ema"]["params"]
 
 
-def _untimed(state):
-    """A trainer's state without its clock readings (the only part two identical runs may differ in)."""
-    state.pop("train_time")
-    state["accumulators"].pop("time")
-    return state
-
-
-def _assert_bitwise_equal(a, b, where=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_bitwise_equal(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (tuple, list)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise_equal(x, y, f"{where}[{i}]")
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), where
-    else:
-        assert a == b, where
-
-
 @pytest.mark.parametrize("optimizer", ["adam", "nesterov"])
 def test_same_config_and_seed_give_a_bitwise_identical_run(tmp_path, optimizer):
     runs = []
@@ -61,9 +40,8 @@ def test_same_config_and_seed_give_a_bitwise_identical_run(tmp_path, optimizer):
         trainer, run = start_run(tiny(optimizer=optimizer), tmp_path / f"r{i}.h5")
         trainer.train(run, 8)
         runs.append((trainer, run))
-    _assert_bitwise_equal(_state(runs[0][0]), _state(runs[1][0]))
-    m0, m1 = runs[0][1].metrics(), runs[1][1].metrics()
-    assert m0["loss"].tobytes() == m1["loss"].tobytes()
+    assert_bitwise_equal(_state(runs[0][0]), _state(runs[1][0]))
+    assert_bitwise_equal(runs[0][1].metrics()["loss"], runs[1][1].metrics()["loss"])
 
 
 def test_different_seeds_give_different_runs(tmp_path):
@@ -87,10 +65,9 @@ def test_resume_continues_bitwise_identically(tmp_path, config):
     resumed, run = resume_run(tmp_path / "half.h5")
     assert resumed.step == 5
     resumed.train(run, 12)
-    _assert_bitwise_equal(_untimed(straight.state_dict()), _untimed(resumed.state_dict()))
+    assert_bitwise_equal(untimed(straight.state_dict()), untimed(resumed.state_dict()))
     m_straight, m_resumed = (RunFile.open(tmp_path / f"{name}.h5").metrics() for name in ("straight", "half"))
-    np.testing.assert_array_equal(m_straight["step"], m_resumed["step"])
-    np.testing.assert_array_equal(m_straight["loss"], m_resumed["loss"])
+    assert_bitwise_equal({k: m_resumed[k] for k in ("step", "loss")}, {k: m_straight[k] for k in ("step", "loss")})
 
 
 def test_logged_grad_norm_is_the_pre_clip_mean_and_the_applied_norm_is_clipped(tmp_path):
@@ -131,7 +108,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
         trainer.train(run, 8)
     run = RunFile.open(tmp_path / "r.h5")
     assert run.status == "diverged" and run.checkpoint_step == 4
-    _assert_bitwise_equal(run.load_checkpoint()["params"], good)
+    assert_bitwise_equal(run.load_checkpoint()["params"], good)
 
 
 def test_diverging_run_trained_from_python_raises_no_floating_point_warnings(tmp_path):
@@ -237,9 +214,8 @@ def test_sigint_checkpoints_the_step_it_stopped_at_and_resume_continues_bitwise_
     resumed.train(run, stopped + 5)
     straight, run2 = start_run(TrainConfig(**(_LONG_RUN | changes)), tmp_path / "straight.h5")
     straight.train(run2, stopped + 5)
-    _assert_bitwise_equal(_untimed(straight.state_dict()), _untimed(resumed.state_dict()))
-    np.testing.assert_array_equal(RunFile.open(path).metrics()["loss"], RunFile.open(tmp_path / "straight.h5")
-                                  .metrics()["loss"])
+    assert_bitwise_equal(untimed(straight.state_dict()), untimed(resumed.state_dict()))
+    assert_bitwise_equal(RunFile.open(path).metrics()["loss"], RunFile.open(tmp_path / "straight.h5").metrics()["loss"])
 
 
 def test_divergence_before_the_first_checkpoint_says_no_checkpoint_was_written(tmp_path):
@@ -258,7 +234,7 @@ def test_probes_and_evaluation_are_recorded_and_do_not_change_the_run(tmp_path):
     probed.train(run, 12)
     plain, run2 = start_run(tiny(probe_every=0, eval_every=0), tmp_path / "q.h5")
     plain.train(run2, 12)
-    _assert_bitwise_equal(_state(probed), _state(plain))
+    assert_bitwise_equal(_state(probed), _state(plain))
     run = RunFile.open(tmp_path / "p.h5")
     m = run.metrics()
     rows = np.isin(m["step"], [3, 6, 9, 12])

@@ -1,17 +1,21 @@
 """The whole UNet against PyTorch autograd (through minidiff.bench.torch_twin), plus the model interface contract."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from helpers.bitwise import assert_bitwise_equal
+from helpers.gradcheck import numeric_grad, rel_error
+from helpers.twins import TOL, compare_with_twin, perturbed
 from minidiff.nn.attention import AttnBlock
 from minidiff.backend import to_numpy
 from minidiff.nn.tape import Tape
 from minidiff.models import build_model
 from minidiff.models.blocks import ResBlock
 from minidiff.models.unet import UNet
-from test_layers import numeric_grad, rel_error
 
 CONFIGS = {  # (constructor kwargs, input shape)
     "2-level-attention": (dict(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
@@ -21,45 +25,6 @@ CONFIGS = {  # (constructor kwargs, input shape)
     "3-level-16x16-batch1": (dict(in_channels=3, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1,
                                   attention_levels=(2,), groups=4), (1, 3, 16, 16)),
 }
-TOL = {"float64": 1e-8, "float32": 1e-4}
-
-
-def perturbed(model, seed=1):
-    """Random changes to every parameter, so the zero output conv and unit GroupNorm scales hide no gradient."""
-    rng = np.random.default_rng(seed)
-    new = {k: to_numpy(v) + 0.3 * rng.standard_normal(v.shape) for k, v in model.params.items()}
-    model.load_params(new)
-    return model
-
-
-def max_rel(ours, ref):
-    """max |ours - ref| / max |ref| over one tensor."""
-    ref = ref.detach().numpy()
-    return float(np.max(np.abs(to_numpy(ours) - ref)) / np.max(np.abs(ref)))
-
-
-def compare_with_twin(torch, model, x_shape, tol, seed=2):
-    """Output and every parameter gradient of model vs its torch twin, for loss = sum(out * dout)."""
-    from minidiff.bench.torch_twin import torch_twin
-
-    rng = np.random.default_rng(seed)
-    x, dout = rng.standard_normal(x_shape), rng.standard_normal(x_shape)
-    t = rng.integers(0, 1000, size=x_shape[0])
-    be = model.backend
-    out = model.forward(be.asarray(x, dtype=model.dtype), t)
-    grads = model.backward(be.asarray(dout, dtype=model.dtype))
-    twin = torch_twin(model)
-    tdtype = getattr(torch, model.dtype.name)
-    ref = twin(torch.from_numpy(x).to(tdtype), torch.from_numpy(t))
-    (ref * torch.from_numpy(dout).to(tdtype)).sum().backward()
-    errors = {"output": max_rel(out, ref)}
-    errors.update({name: max_rel(grads[name], p.grad) for name, p in twin.named_parameters()})
-    assert list(grads) == list(model.params) == [n for n, _ in twin.named_parameters()]
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= tol, f"{worst}: relative error {errors[worst]:.2e} > {tol:.0e}"
-    return errors
-
-
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_unet_output_and_every_gradient_match_torch_autograd(backend, torch, name, dtype):
@@ -120,11 +85,9 @@ def _run(model, seed=0, shape=(2, 1, 8, 8)):
 def test_same_seed_gives_identical_params_outputs_and_gradients(cpu_backend):
     a, b = (perturbed(UNet(base_channels=8, groups=4, device=cpu_backend)) for _ in range(2))
     x, t = _run(a)
-    assert all(np.array_equal(to_numpy(a.params[k]), to_numpy(b.params[k])) for k in a.params)
-    ya, yb = to_numpy(a.forward(x, t)), to_numpy(b.forward(x, t))
-    assert np.array_equal(ya, yb)
-    ga, gb = a.backward(x), b.backward(x)
-    assert all(np.array_equal(to_numpy(ga[k]), to_numpy(gb[k])) for k in ga)
+    assert_bitwise_equal(a.params, b.params)
+    assert_bitwise_equal(a.forward(x, t), b.forward(x, t))
+    assert_bitwise_equal(a.backward(x), b.backward(x))
     c = UNet(base_channels=8, groups=4, seed=1, device=cpu_backend)
     assert not np.array_equal(to_numpy(c.params["conv_in.weight"]), to_numpy(UNet(base_channels=8, groups=4).params[
         "conv_in.weight"]))
@@ -134,9 +97,9 @@ def test_strict_backend_computes_bitwise_the_same_as_numpy():
     cpu, strict = (perturbed(UNet(base_channels=8, groups=4, device=d)) for d in ("cpu", "strict"))
     x, t = _run(cpu)
     y_cpu, y_strict = cpu.forward(x, t), strict.forward(strict.backend.asarray(x), t)
-    assert np.array_equal(y_cpu, to_numpy(y_strict))
+    assert_bitwise_equal(y_cpu, to_numpy(y_strict))
     g_cpu, g_strict = cpu.backward(y_cpu), strict.backward(y_strict)
-    assert all(np.array_equal(g_cpu[k], to_numpy(g_strict[k])) for k in g_cpu)
+    assert_bitwise_equal(dict(g_cpu), {k: to_numpy(g) for k, g in g_strict.items()})
 
 
 def test_default_unet_is_small_with_zero_output_and_float32_gradients(cpu_backend):
@@ -167,7 +130,7 @@ def test_config_rebuilds_the_model_through_json():
     assert "device" not in config and config["dtype"] == "float64"
     clone = build_model("unet", **config)
     assert clone.config == model.config and list(clone.params) == list(model.params)
-    assert all(np.array_equal(clone.params[k], model.params[k]) for k in model.params)
+    assert_bitwise_equal(clone.params, model.params)
 
 
 def test_forward_without_cache_matches_and_keeps_no_tape_for_backward(cpu_backend):
@@ -211,8 +174,6 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_package_import_does_not_need_torch():
-    import subprocess
-    import sys
     code = ("import sys; sys.modules['torch'] = None; import minidiff.models, minidiff.bench.torch_twin; "
             "minidiff.models.build_model('unet', base_channels=8, groups=4)")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,18 +1,18 @@
-"""Helpers of the fault-injection suite (tests/test_faults*.py; imported by them, not a test module): runs to damage,
-ways to damage them, the contract's assertions, and a tally of trials per family that the suite prints."""
+"""Tools of the fault-injection suite (the test_faults* files): runs to damage, ways to damage them, the contract's
+assertions, and a tally of trials per family that the suite prints."""
 
 import collections
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
 
 from minidiff.runs.tree import crc32_of
+from helpers.bitwise import bitwise_problem
+from helpers.paths import CLI_PY
 
-REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, str(REPO / "cli.py")]
+CLI = [sys.executable, str(CLI_PY)]
 
 # a moons run that trains in about a second: checkpoints, logs and an evaluation, no images
 MOONS = ["--dataset", "moons", "--timesteps", "50", "--batch-size", "32", "--log-every", "2", "--ckpt-every", "4",
@@ -82,37 +82,10 @@ def edit(path, fn):
         fn(f)
 
 
-def untimed(state):
-    """A trainer's state without its clock readings (the only part two identical runs may differ in)."""
-    state = dict(state)
-    state.pop("train_time", None)
-    state["accumulators"] = {k: v for k, v in state["accumulators"].items() if k != "time"}
-    return state
-
-
-def bitwise_problem(a, b, where=""):
-    """None when two state trees are equal bit for bit (same types, dtypes, shapes and bytes), else where not."""
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or list(a) != list(b):
-            return f"{where}: keys {list(a)} vs {list(b) if isinstance(b, dict) else type(b)}"
-        return next((p for k in a if (p := bitwise_problem(a[k], b[k], f"{where}/{k}"))), None)
-    if isinstance(a, (list, tuple)):
-        if type(a) is not type(b) or len(a) != len(b):
-            return f"{where}: {type(a).__name__} of {len(a)} vs {b!r}"
-        return next((p for i, (x, y) in enumerate(zip(a, b)) if (p := bitwise_problem(x, y, f"{where}/{i}"))), None)
-    if isinstance(a, (np.ndarray, np.generic)):
-        same = (type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape
-                and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes())
-        return None if same else f"{where}: arrays differ"
-    return None if type(a) is type(b) and a == b else f"{where}: {a!r} vs {b!r}"
-
-
 def metrics_problem(a: dict, b: dict):
     """None when two runs' metrics agree bit for bit, except the clock readings."""
     timed = {"step_time", "wall_time"}
     if set(a) != set(b):
         return f"metrics {sorted(set(a) ^ set(b))} in one run only"
-    for name in sorted(set(a) - timed):
-        if a[name].tobytes() != b[name].tobytes() or a[name].shape != b[name].shape:
-            return f"metric {name} differs"
-    return None
+    untimed_names = sorted(set(a) - timed)
+    return bitwise_problem({n: a[n] for n in untimed_names}, {n: b[n] for n in untimed_names}, "metrics")
