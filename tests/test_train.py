@@ -177,20 +177,32 @@ def _start_long_run(path, **changes):
 
 
 def test_sigkill_at_random_moments_leaves_a_file_that_opens_and_resumes(tmp_path):
+    """Kills at random moments in runs that checkpoint every step (a kill often lands inside a checkpoint write), and
+    one in a run that never checkpoints, so its kill comes before the first checkpoint: every file opens, and resumes
+    at its checkpoint, or at step 0. The delays leave time for the first step, so most trials resume a checkpoint."""
     rng = np.random.default_rng(0)
-    for trial in range(4):
+    trials = [({"ckpt_every": 1}, 1.0 + rng.uniform(0, 1.5)) for _ in range(4)] + [({"ckpt_every": 10**6}, 1.0)]
+    resumed_at = []
+    for trial, (changes, delay) in enumerate(trials):
         path = tmp_path / f"k{trial}.h5"
-        proc = _start_long_run(path)
-        time.sleep(0.3 + rng.uniform(0, 1.2))
+        proc = _start_long_run(path, **changes)
+        time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         run = RunFile.open(path)
-        if run.checkpoint_step is None:  # killed before the first checkpoint: still a valid, empty run
-            continue
+        checkpoint = run.checkpoint_step
         run.close()
         trainer, run = resume_run(path)
+        assert trainer.step == (checkpoint or 0), (trial, checkpoint)
         trainer.train(run, trainer.step + 2)
-        assert RunFile.open(path).status == "finished"
+        run = RunFile.open(path)
+        assert run.status == "finished"
+        logged = run.metrics()["step"]
+        assert np.all(np.diff(logged) > 0), logged   # the rows the killed run wrote past its checkpoint are gone
+        resumed_at.append(checkpoint)
+    print(f"\nSIGKILL trials resumed at checkpoints {resumed_at} (None: at step 0)")
+    from_checkpoint = sum(step is not None for step in resumed_at[:-1])
+    assert resumed_at[-1] is None and from_checkpoint >= 3, resumed_at   # both paths were taken, each really resumed
 
 
 def test_sigint_checkpoints_the_step_it_stopped_at_and_resume_continues_bitwise_from_it(tmp_path):
