@@ -13,7 +13,7 @@ def _available_backends():
     names = ["cpu", "strict"]
     try:
         get_backend("gpu")
-        names.append("gpu")
+        names.append(pytest.param("gpu", marks=pytest.mark.gpu))
     except BackendError:
         pass
     return names

@@ -80,6 +80,7 @@ def test_settle_runs_each_timed_call_right_after_untimed_calls_of_the_same_side(
     assert [len(t) for t in times] == [2, 2]
 
 
+@pytest.mark.slow
 def test_run_benchmarks_reports_documented_keys_with_sane_values_and_torch_columns(torch):
     cfg = BenchConfig("tiny", 4, 8, TINY)
     (row,) = run_benchmarks([cfg], repeats=2, warmup=1, threads=None, settle=0.0)

@@ -44,7 +44,7 @@ def _train(config, path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two seeds of Adam and one heavy-ball run on moons (probes and swd on), and a tiny UNet on digits (samples,
-    fd)."""
+    fd). Training them takes a while: every test that uses them is marked slow."""
     d = tmp_path_factory.mktemp("runs")
     return [_train(moons(seed=0), d / "adam-seed=0.h5"), _train(moons(seed=1), d / "adam-seed=1.h5"),
             _train(moons(optimizer="momentum"), d / "heavy-ball.h5"), _train(digits(), d / "unet.h5")]
@@ -56,6 +56,7 @@ def report(runs, tmp_path_factory):
     return compare_runs(runs, out / "cmp"), runs
 
 
+@pytest.mark.slow
 def test_compare_draws_every_figure_as_a_nonempty_png_embedded_by_relative_path(report):
     path, _ = report
     text = path.read_text()
@@ -68,6 +69,7 @@ def test_compare_draws_every_figure_as_a_nonempty_png_embedded_by_relative_path(
         assert not Path(rel).is_absolute() and (path.parent / rel).is_file()
 
 
+@pytest.mark.slow
 def test_report_table_groups_seeds_with_mean_std_and_range(report):
     path, runs = report
     text = path.read_text()
@@ -95,12 +97,14 @@ def test_figures_whose_metrics_no_run_recorded_are_skipped_and_listed(tmp_path):
     assert (tmp_path / "cmp" / "figures" / "loss.png").stat().st_size > 2000
 
 
+@pytest.mark.slow
 def test_missing_matplotlib_raises_one_line_install_hint(runs, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import now fails as if not installed
     with pytest.raises(MissingExtra, match=r"pip install 'minidiff\[plots\]'"):
         compare_runs(runs[:1], tmp_path)
 
 
+@pytest.mark.slow
 def test_labels_must_match_the_run_files(runs, tmp_path):
     with pytest.raises(ValueError, match="labels"):
         compare_runs(runs[:2], tmp_path, labels=["one"])

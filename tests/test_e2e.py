@@ -8,6 +8,7 @@ import sys
 import zlib
 
 import numpy as np
+import pytest
 
 from helpers.paths import CLI_PY as CLI
 from minidiff.instruments.quality import digits_fd, reference_levels
@@ -55,6 +56,7 @@ def _tiles(grid: np.ndarray, per_row: int) -> np.ndarray:
     return np.stack(tiles)[:, None].astype(np.float64) / 127.5 - 1.0
 
 
+@pytest.mark.slow
 def test_default_train_then_sample_gives_falling_loss_and_a_png_of_digits_not_noise(tmp_path):
     # the README's command, shortened: defaults everywhere else (UNet on digits, Adam at its default lr)
     _minidiff(tmp_path, "train", "--steps", STEPS, "--log-every", LOG_EVERY, "-q")

@@ -18,6 +18,8 @@ from minidiff.diffusion.samplers import ddim_sample
 from minidiff.diffusion.schedules import make_schedule
 from minidiff.models.unet import UNet
 
+pytestmark = pytest.mark.gpu
+
 try:
     GPU = get_backend("gpu")
 except BackendError as exc:

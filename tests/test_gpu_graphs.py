@@ -16,6 +16,8 @@ from minidiff.execution.graphs import CudaGraphs
 from minidiff.models.unet import UNet
 from helpers.cublas_layouts import layout_cases
 
+pytestmark = pytest.mark.gpu
+
 try:
     GPU = get_backend("gpu")
 except BackendError as exc:

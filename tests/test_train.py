@@ -52,10 +52,11 @@ def test_different_seeds_give_different_runs(tmp_path):
     assert not np.array_equal(a.state_dict()["params"]["conv_in.weight"], b.state_dict()["params"]["conv_in.weight"])
 
 
-@pytest.mark.parametrize("config", [tiny(), tiny(optimizer="momentum", timestep_sampling="loss_aware",
-                                                 prediction="v", weighting="min_snr"),
-                                    tiny(dataset="moons", model="auto", model_options={}, batch_size=64)],
-                         ids=["unet-adam", "unet-momentum-lossaware-v", "mlp-moons"])
+@pytest.mark.parametrize("config", [
+    pytest.param(tiny(), id="unet-adam", marks=pytest.mark.slow),
+    pytest.param(tiny(optimizer="momentum", timestep_sampling="loss_aware", prediction="v", weighting="min_snr"),
+                 id="unet-momentum-lossaware-v", marks=pytest.mark.slow),
+    pytest.param(tiny(dataset="moons", model="auto", model_options={}, batch_size=64), id="mlp-moons")])
 def test_resume_continues_bitwise_identically(tmp_path, config):
     straight, run = start_run(config, tmp_path / "straight.h5")
     straight.train(run, 12)
@@ -176,6 +177,7 @@ def _start_long_run(path, **changes):
     return proc
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_a_file_that_opens_and_resumes(tmp_path):
     """Kills at random moments in runs that checkpoint every step (a kill often lands inside a checkpoint write), and
     one in a run that never checkpoints, so its kill comes before the first checkpoint: every file opens, and resumes
@@ -240,6 +242,7 @@ def test_divergence_before_the_first_checkpoint_says_no_checkpoint_was_written(t
     assert run.status == "diverged" and run.checkpoint_step is None
 
 
+@pytest.mark.slow
 def test_probes_and_evaluation_are_recorded_and_do_not_change_the_run(tmp_path):
     probed, run = start_run(tiny(probe_every=3, probe_buckets=3, probe_batch=8, eval_every=6, eval_samples=32,
                                  eval_steps=3), tmp_path / "p.h5")
