@@ -48,7 +48,7 @@ def torch():
 @pytest.fixture(scope="module")
 def one_blas_thread():
     """One BLAS thread for a module (use with pytestmark = pytest.mark.usefixtures("one_blas_thread")): tiny matrices
-    gain nothing from BLAS threads, and on the loaded 2-core machine they only add contention (4x)."""
+    gain nothing from BLAS threads, and on a small loaded machine they only add contention."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

@@ -140,7 +140,7 @@ def test_resume_past_the_planned_steps_equals_a_run_planned_that_long(tmp_path):
     result = invoke("resume", split, "--steps", "12", "-q")
     assert result.exit_code == 0, result.output
     assert_bitwise_equal(_checkpoint(straight), _checkpoint(split))
-    assert RunFile.open(split).config["steps"] == 12  # inspect no longer says "12 logged / 6 planned"
+    assert RunFile.open(split).config["steps"] == 12  # the file's plan is the extended one, as inspect reports
     assert "12 logged / 12 planned" in invoke("inspect", split).output
 
 
@@ -235,8 +235,8 @@ def test_console_script_and_python_cli_both_work():
 
 
 def test_a_digits_run_diverging_at_an_evaluation_step_ends_with_one_line_and_status_diverged(tmp_path):
-    """Evaluation (the FD of EMA samples) once ran before the divergence check and raised on NaN samples: a
-    traceback, and the file left 'running'. Here the run blows up before its first evaluation (step 5)."""
+    """Evaluation (the FD of EMA samples) comes after the divergence check: on NaN samples it would raise a
+    traceback and leave the file 'running'. Here the run blows up before its first evaluation (step 5)."""
     out = tmp_path / "div.h5"
     proc = subprocess.run([sys.executable, str(CLI_PY), "train", "--dataset", "digits",
                            "--base-channels", "8", "--steps", "10", "--log-every", "5", "--eval-every", "5",

@@ -46,8 +46,8 @@ def test_same_seed_gives_bitwise_same_data_and_other_seed_differs(name):
 
 
 def test_fixed_data_is_held_out_the_same_way_for_every_seed(tmp_path):
-    """The digits' held-out split is the FD reference of every run (minidiff.instruments.quality): a run with seed 1 must not
-    train on it (it once did: the split followed the run's seed). The same holds for the user's files."""
+    """The digits' held-out split is the FD reference of every run (minidiff.instruments.quality): a run with seed 1
+    must not train on it, as it would if the split followed the run's seed. The same holds for the user's files."""
     from minidiff.instruments.quality import _heldout_digits
     reference = _heldout_digits()[1]
     for seed in (0, 1, 2, 7):
@@ -368,8 +368,8 @@ def test_to_uint8_maps_minus_one_to_0_and_one_to_255_from_any_backend(cpu_backen
 
 def test_every_bundled_file_the_package_opens_ships_in_the_wheel():
     """A non-editable install finds data only under share/minidiff/data: each name passed to bundled_file(...) in
-    the package must be listed in pyproject's data-files (the digits classifier once was not, and the default
-    `minidiff train` failed at its first evaluation)."""
+    the package must be listed in pyproject's data-files (without the digits classifier, the default `minidiff train`
+    fails at its first evaluation)."""
     import re
     import tomllib
 

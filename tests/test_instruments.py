@@ -42,10 +42,10 @@ def test_instruments_state_through_hdf5_gives_the_first_probe_its_consecutive_gr
     for k, g in first.instruments._previous_grads.items():  # host copies, bit for bit through HDF5
         assert_bitwise_equal(saved["instruments"]["previous_grads"][k], to_numpy(g), k)
 
-    trainer_state = {k: v for k, v in saved["trainer"].items() if k != "instruments"}  # as before the fix
+    trainer_state = {k: v for k, v in saved["trainer"].items() if k != "instruments"}  # a checkpoint without them
     without = Trainer(_config(device))
     without.load_state_dict(trainer_state)
-    assert "grad_cos_consecutive" not in _steps(without, 1)  # what a resumed run logged: NaN
+    assert "grad_cos_consecutive" not in _steps(without, 1)  # without the previous gradients: nothing to log
 
     resumed = Trainer(_config(device))
     resumed.load_state_dict(trainer_state)

@@ -485,8 +485,7 @@ def test_checkpoint_of_10mb_is_rewritten_whole_without_leaking_space_or_stalling
     print(f"\n10 MB checkpoint: save {t_ckpt * 1e3:.0f} ms, metrics flush {t_flush * 1e3:.0f} ms, "
           f"file {size / 1e6:.1f} MB")
     assert size < 10.6e6  # rebuilt, not appended: no space leaks from replaced checkpoints
-    # ~0.1 s each on an idle 2-core machine (printed above); the bound only catches a pathological regression (say,
-    # element-wise writes), not a slowdown under load, which made the former 1 s bound flaky
+    # the bound catches a pathological slowdown (say, element-wise writes), not the noise of a loaded machine
     assert t_ckpt < 10.0 and t_flush < 10.0
 
 

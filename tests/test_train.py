@@ -72,8 +72,8 @@ def test_resume_continues_bitwise_identically(tmp_path, config):
 
 
 def test_logged_grad_norm_is_the_pre_clip_mean_and_the_applied_norm_is_clipped(tmp_path):
-    """`grad_norm` once held the optimizer's diagnostic (the clipped norm at the log step): with grad_clip 1e-3
-    every logged value was exactly 1e-3. It is the trainer's mean pre-clip norm; the clipped one has its own name."""
+    """`grad_norm` is the trainer's mean pre-clip norm, not the optimizer's diagnostic (the clipped norm at the log
+    step, exactly 1e-3 at every log with grad_clip 1e-3); the clipped norm has its own name."""
     trainer, run = start_run(tiny(grad_clip=1e-3, probe_every=0, eval_every=0), tmp_path / "r.h5")
     trainer.train(run, 12)
     m = RunFile.open(tmp_path / "r.h5").metrics()
