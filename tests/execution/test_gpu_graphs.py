@@ -1,20 +1,20 @@
 """CUDA graphs (minidiff.execution.graphs) and the cuBLAS products they capture (minidiff.kernels.cublas), on CuPy;
 these run only where CuPy finds a usable GPU. The products are checked against cupy.matmul (to float32 rounding:
 cuBLAS picks its own algorithms); everything a graph replays is checked bit for bit against the same code run eagerly,
-since both make the same launches. The bookkeeping of which call captures or replays is tests/test_graphs_logic.py's,
+since both make the same launches. The bookkeeping of which call captures or replays is test_graphs_logic.py's,
 on the CPU.
 """
 
 import numpy as np
 import pytest
 
+from helpers.cublas_layouts import layout_cases
 from minidiff.backend import BackendError, get_backend, to_numpy
 from minidiff.optim import build_optimizer
 from minidiff.diffusion.samplers import ddim_sample
 from minidiff.diffusion.schedules import make_schedule
 from minidiff.execution.graphs import CudaGraphs
 from minidiff.models.unet import UNet
-from helpers.cublas_layouts import layout_cases
 
 pytestmark = pytest.mark.gpu
 

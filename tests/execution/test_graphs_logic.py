@@ -4,7 +4,7 @@ and which tape a backward uses, through sequences of calls a real GPU would take
 A stand-in for CuPy (NumPy arrays; a capture records the "kernels" the model launches instead of running them, and a
 graph's launch runs the recorded kernels again, reading the static buffers and the weight as they are then, as a
 replay does without the model's Python) drives a one-weight model with the pass interface a CudaGraphs wrapper
-uses. What the graphs compute on a real GPU is tests/test_gpu_graphs.py's business."""
+uses. What the graphs compute on a real GPU is test_gpu_graphs.py's business."""
 
 import contextlib
 import types

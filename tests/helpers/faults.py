@@ -8,9 +8,9 @@ import sys
 import h5py
 import numpy as np
 
-from minidiff.runs.tree import crc32_of
 from helpers.bitwise import bitwise_problem
 from helpers.paths import CLI_PY
+from minidiff.runs.tree import crc32_of
 
 CLI = [sys.executable, str(CLI_PY)]
 

@@ -1,4 +1,5 @@
-"""minidiff.instruments.recorder across a checkpoint: a resumed run logs at its first probe what an uninterrupted run does."""
+"""minidiff.instruments.recorder across a checkpoint: a resumed run logs at its first probe what an uninterrupted run
+does."""
 
 import numpy as np
 import pytest

@@ -1,14 +1,14 @@
 """The cuBLAS call plan of minidiff.kernels.cublas, checked on the CPU: the arguments it computes are run through a
 NumPy model of column-major gemm (cublas<t>gemm / gemmStridedBatched reading raw strided memory) and must give a @ b.
-The call itself needs a GPU (tests/test_gpu_graphs.py); the layout reasoning, which is where a product goes wrong,
-does not."""
+The call itself needs a GPU (tests/execution/test_gpu_graphs.py); the layout reasoning, which is where a product
+goes wrong, does not."""
 
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import as_strided
 
-from minidiff.kernels.cublas import OP_N, OP_T, batch_stride, gemm_args, matrix_layout
 from helpers.cublas_layouts import layout_cases
+from minidiff.kernels.cublas import OP_N, OP_T, batch_stride, gemm_args, matrix_layout
 
 
 def _op_view(x, op, ld, rows, cols, bstride, count):

@@ -4,11 +4,11 @@ arrays at a time, with the same bits as one array at a time, and a model's gradi
 import numpy as np
 import pytest
 
+from helpers.bitwise import assert_bitwise_equal
+from helpers.optim_cases import CONFIGS, on_backend
 from minidiff.backend import get_backend, to_numpy
 from minidiff.kernels.flat import FlatArrays, gather, chunks as flat_chunks, total_size
 from minidiff.optim import Adam, build_optimizer
-from helpers.bitwise import assert_bitwise_equal
-from helpers.optim_cases import CONFIGS, on_backend
 
 CHUNK_SHAPES = {"a": (7, 3), "b": (4,), "c": (3, 2, 2), "d": (40,), "e": (5,)}   # CHUNK_SIZE 16: a | b c | d | e
 

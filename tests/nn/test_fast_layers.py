@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
+from helpers.gradcheck import check_gradients, randn
 from minidiff.kernels import channels
 from minidiff.kernels.chunks import batch_chunks
 from minidiff.nn import conv
@@ -17,7 +18,6 @@ from minidiff.nn import norm
 from minidiff.execution import threads as parallel
 from minidiff.nn import layers as L
 from minidiff.backend import to_numpy
-from helpers.gradcheck import check_gradients, randn
 
 NHWC_CONV_CASES = [  # N, H, W, C, O, (kh, kw), stride, padding
     (3, 5, 4, 2, 3, (3, 3), 1, 1),        # the UNet's 3x3 "same" conv, odd sizes, several chunks

@@ -7,10 +7,10 @@ checks run on every backend of the `backend` fixture (NumPy, strict, and CuPy wh
 import numpy as np
 import pytest
 
+from helpers.gradcheck import check_gradients, randn
 from minidiff.nn import layers as L
 from minidiff.nn.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
 from minidiff.backend import to_numpy
-from helpers.gradcheck import check_gradients, randn
 
 CONV_CASES = [  # N, C, H, W, O, (kh, kw), stride, padding
     (1, 1, 5, 5, 2, (3, 3), 1, 1),        # batch 1, odd size, 3x3 same

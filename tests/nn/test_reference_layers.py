@@ -17,10 +17,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from helpers.gradcheck import numeric_grad, rel_error
 from minidiff.kernels import channels
 from minidiff.nn import attention, conv, norm
 from minidiff.nn import reference as R
-from helpers.gradcheck import numeric_grad, rel_error
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 

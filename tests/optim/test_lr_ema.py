@@ -157,8 +157,9 @@ def test_ema_refuses_decay_outside_unit_interval():
 
 @pytest.mark.parametrize("device", ["cpu", "strict"])
 def test_ema_of_parameters_laid_end_to_end_is_the_per_array_ema_bit_for_bit(device, monkeypatch):
-    """A model's parameters (minidiff.kernels.flat) are averaged in long chunks that cut across arrays: the same elementwise
-    operations, so the same bits as array by array; a plain dict handed to update takes the per-array path."""
+    """A model's parameters (minidiff.kernels.flat) are averaged in long chunks that cut across arrays: the same
+    elementwise operations, so the same bits as array by array; a plain dict handed to update takes the per-array
+    path."""
     from minidiff.optim import ema as ema_module
     from minidiff.backend import get_backend
     from minidiff.kernels.flat import FlatArrays, total_size

@@ -6,10 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
-from minidiff.backend import get_backend, to_numpy
-from minidiff.optim import OPTIMIZERS, SGD, Adam, AdamW, NAdam, build_optimizer
 from helpers.bitwise import assert_bitwise_equal
 from helpers.optim_cases import CONFIGS, on_backend
+from minidiff.backend import get_backend, to_numpy
+from minidiff.optim import OPTIMIZERS, SGD, Adam, AdamW, NAdam, build_optimizer
 
 SHAPES = {"w": (6, 5), "b": (5,), "k": (2, 3, 3)}
 
@@ -322,8 +322,8 @@ def test_the_fused_gpu_kernels_are_chosen_only_where_they_compute_the_same_rule(
 
 
 def _emulated_kernels(xp, name):
-    """NumPy stand-ins for minidiff.kernels.optim_cuda's CUDA kernels, term for term (each line is the kernel's line), so
-    the CPU can check what the GPU path hands them: the argument order and every per-step scalar."""
+    """NumPy stand-ins for minidiff.kernels.optim_cuda's CUDA kernels, term for term (each line is the kernel's line),
+    so the CPU can check what the GPU path hands them: the argument order and every per-step scalar."""
     def grad_of(grad, sign, wd, theta):
         return wd * theta + sign * grad if wd != 0 else sign * grad
 

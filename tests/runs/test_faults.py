@@ -2,9 +2,9 @@
 machine cannot hold and runs that stopped before their first checkpoint. Each case asserts the contract (README,
 "Exit status"): a refusal is one line naming the file and the part, raised before a byte of the run file changes;
 a divergence names a checkpoint only when it is finite; a resumed run is the uninterrupted run, bit for bit.
-Part 2 (tests/test_faults_cli.py) drives the command line: every reading command against damaged files, sizes,
-decompression bombs; part 3 (tests/test_faults_env.py) kills, two writers, a full disk. The trials of all three are
-tallied per family (tests/fault_checks.py) and printed at the end of each file."""
+Part 2 (test_faults_cli.py) drives the command line: every reading command against damaged files, sizes,
+decompression bombs; part 3 (test_faults_env.py) kills, two writers, a full disk. The trials of all three are
+tallied per family (tests/helpers/faults.py) and printed at the end of each file."""
 
 import json
 

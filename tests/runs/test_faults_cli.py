@@ -2,7 +2,7 @@
 files, sizes the machine cannot hold, decompression bombs and files beside a run. The contract (README, "Exit
 status"): exit 0, or exit 2 with one line "Error: <file>: <part> ...", no traceback, the run file's bytes unchanged and
 no lock or temporary file left behind; and a file that opens must hold exactly what was written (damage that reads as
-a valid file would be a silent wrong result). Part 3 (tests/test_faults_env.py): kills, two writers, a full disk."""
+a valid file would be a silent wrong result). Part 3 (test_faults_env.py): kills, two writers, a full disk."""
 
 import gzip
 import hashlib

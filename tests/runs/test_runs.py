@@ -1,4 +1,5 @@
-"""minidiff.runs.file: exact checkpoints, metrics, no clobbering, damage reports, and survival of SIGKILL at any moment."""
+"""minidiff.runs.file: exact checkpoints, metrics, no clobbering, damage reports, and survival of SIGKILL at any
+moment."""
 
 import json
 import os
@@ -536,7 +537,7 @@ def test_sigkill_at_random_moments_always_leaves_a_complete_resumable_file(tmp_p
         assert (state["params"]["w"] == k).all() and (state["params"]["v"] == -k).all()
         assert run.metrics()["step"][-1] == k
         resumed += 1
-    # a kill inside the write itself is tests/test_faults.py's business (at chosen points, not by chance); here
+    # a kill inside the write itself is test_faults_env.py's business (at chosen points, not by chance); here
     # enough trials must have got past a checkpoint and resumed from it
     print(f"\nSIGKILL trials: {len(delays)}, resumed from a checkpoint: {resumed}, .tmp left behind: {tmp_left}")
     assert resumed >= len(delays) // 2
