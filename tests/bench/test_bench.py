@@ -48,6 +48,7 @@ def test_flop_counter_counts_stride2_downsampling_and_attention_at_the_low_resol
     assert rows["time_embed.0"][1:] == (linear_flops(n, 8, 32), linear_flops(n, 8, 32))
 
 
+@pytest.mark.slow
 def test_flop_counter_agrees_exactly_with_torch_flop_counter_on_the_twin(torch):
     from torch.utils.flop_counter import FlopCounterMode
 

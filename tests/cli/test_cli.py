@@ -81,7 +81,6 @@ def test_existing_run_is_not_overwritten_without_the_flag(tmp_path):
     assert RunFile.open(out).config["seed"] == 1
 
 
-@pytest.mark.slow
 def test_config_file_sets_options_and_command_line_wins(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('optimizer = "nesterov"\nlr = 0.01\nbatch-size = 16\n')
@@ -92,7 +91,6 @@ def test_config_file_sets_options_and_command_line_wins(tmp_path):
     assert (config["optimizer"], config["lr"], config["batch_size"]) == ("nesterov", 0.02, 32)
 
 
-@pytest.mark.slow
 def test_probe_and_eval_options_reach_the_run_config_and_its_metrics(tmp_path):
     out = tmp_path / "r.h5"
     result = invoke("train", *FAST, "--probe-every", 3, "--probe-buckets", 2, "--eval-every", 3, "--eval-samples", 16,
@@ -154,7 +152,6 @@ class FakeBlas:
         self.num_threads = n
 
 
-@pytest.mark.slow
 def test_resume_with_another_cpu_thread_count_says_so(tmp_path, monkeypatch):
     """The run file records the thread count; a resume with another one says it will not be bit for bit."""
     from minidiff.execution import threads as parallel
@@ -196,7 +193,6 @@ def test_diverging_train_prints_one_error_line_no_warnings_and_marks_the_run_div
     assert "1    the run diverged" in invoke("--help").output
 
 
-@pytest.mark.slow
 def test_sample_progress_bar_shows_step_of_total_and_rate(tmp_path, monkeypatch):
     out = tmp_path / "r.h5"
     assert invoke("train", *FAST, "--out", out).exit_code == 0
@@ -249,7 +245,6 @@ def test_a_digits_run_diverging_at_an_evaluation_step_ends_with_one_line_and_sta
     assert RunFile.open(out).status == "diverged"
 
 
-@pytest.mark.slow
 def test_sample_defaults_to_at_most_the_runs_timesteps(tmp_path):
     out = tmp_path / "r.h5"
     assert invoke("train", *FAST, "--timesteps", "10", "--out", out).exit_code == 0
@@ -278,7 +273,6 @@ def test_off_a_terminal_training_and_sampling_print_plain_progress_lines_and_don
     assert result.exit_code == 0 and len(sample_lines) == 50 and sample_lines[-1].startswith("ddpm  step 50/50  ")
 
 
-@pytest.mark.slow
 def test_the_bar_shows_no_loss_before_the_first_logged_one(tmp_path, monkeypatch):
     from minidiff import console
     monkeypatch.setattr(console, "on_terminal", lambda: True)
@@ -303,7 +297,6 @@ def test_dataset_key_picks_the_array_of_a_file_holding_several(tmp_path):
     assert RunFile.open(tmp_path / "b.h5").config["dataset_options"] == {"key": "images"}
 
 
-@pytest.mark.slow
 def test_inspect_leaves_out_the_probe_fields_of_a_row_without_a_probe(tmp_path):
     out = tmp_path / "r.h5"
     assert invoke("train", *FAST, "--probe-every", 4, "--probe-buckets", 2, "--out", out).exit_code == 0
