@@ -17,7 +17,8 @@ plugins=$(python3 -c "import xdist, pytest_timeout" 2>/dev/null && echo "-n 8 --
 failed=""
 for step in $steps; do
   case $step in
-    tests)  # the CuPy parametrisations of every backend-parametrised test, and tests/test_gpu*.py
+    tests)  # the CuPy parametrisations of every backend-parametrised test, tests/backend/test_gpu.py and
+            # tests/execution/test_gpu_graphs.py
       timeout 240 python3 -m pytest -q -p no:cacheprovider $plugins -k gpu tests/ -rfs 2>&1 \
         | tee "$OUT/tests.log" | tail -40 || failed="$failed tests" ;;
     graphs)  # the default training step with CUDA graphs on and off, interleaved, and their bits compared

@@ -15,7 +15,7 @@ cuBLAS is column-major; a row-major C = A B is computed as the column-major C^T 
 memory read column-major is its transpose, so row-major operands go in untransposed (op N) and column-major ones
 (a `.T` view) as op T. Leading dimensions that share one stride become one strided batch. Operands that fit neither
 layout (a general strided view) are copied first. `gemm_args` works this out from shapes and strides alone, so it is
-tested on the CPU against NumPy (tests/test_cublas_plan.py); only the call itself needs a GPU.
+tested on the CPU against NumPy (tests/kernels/test_cublas_plan.py); only the call itself needs a GPU.
 """
 
 from __future__ import annotations

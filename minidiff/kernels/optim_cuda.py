@@ -9,7 +9,7 @@ These kernels compute the same equations as the classes' `_update` (see their do
 order, and write θ_t, the state buffers in place.
 
 They agree with the generic path to float32 rounding, not bit for bit: nvcc contracts a * b + c into one fused
-multiply-add, which rounds once where NumPy rounds twice. `tests/test_gpu.py` compares them with NumPy.
+multiply-add, which rounds once where NumPy rounds twice. `tests/backend/test_gpu.py` compares them with NumPy.
 
 Used by `Optimizer.step` when the array module is CuPy, `ENABLED` is true, the step asks for no diagnostics (they need
 u_t and the buffers before the step) and the optimizer has a kernel (Adam/AdamW without AMSGrad, SGD in every form);

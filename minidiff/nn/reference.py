@@ -5,7 +5,7 @@ one. The UNet runs minidiff.nn.conv (channels-last im2col + GEMM over chunks of 
 (GroupNorm fused with SiLU on wide rows, scratch buffers) and minidiff.nn.attention (channels-last heads); each
 function here computes the same function as its twin, named in its docstring, with nothing but NumPy, einsum and a
 loop over the kernel offsets: no im2col, no scratch buffers, no chunks. Nothing imports this module at run time;
-tests/test_reference_layers.py holds it to the fast layers, to central finite differences and to PyTorch.
+tests/nn/test_reference_layers.py holds it to the fast layers, to central finite differences and to PyTorch.
 
 Pairs follow minidiff.nn.layers: `<name>_forward(...) -> (out, cache)`, `<name>_backward(dout, cache) ->
 (dx, grads)`, grads keyed like PyTorch's parameters. Layouts are PyTorch's: activations (N, C, H, W), conv

@@ -15,8 +15,9 @@ batch from bucket k reads and updates only m^(k); the second moment v (Adam) and
 Bias correction counts steps per bucket: m^(k) has absorbed n_k + 1 gradients (n_k counted in `steps`), so its
 correction is 1 − β1^{n_k + 1}, while v, fed every step, keeps 1 − β2^t. With one bucket n_0 + 1 = t and this is the
 plain optimizer, bit for bit; with B buckets each m^(k) evolves exactly as the first moment of a plain optimizer fed
-only bucket k's gradients (tests/test_bucket_momentum.py checks both). NAdam is not supported: its momentum product
-Π_t runs over the global step count. Swapping costs two copies of the first moment per bucket change, on the device.
+only bucket k's gradients (tests/optim/test_bucket_momentum.py checks both). NAdam is not supported: its momentum
+product Π_t runs over the global step count. Swapping costs two copies of the first moment per bucket change, on the
+device.
 """
 
 from __future__ import annotations

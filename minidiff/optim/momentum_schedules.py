@@ -27,7 +27,7 @@ invent a factor for it.)
 Changing β1 or μ between steps has PyTorch's semantics: torch.optim reads `param_group['betas']` / `['momentum']` at
 every step, and our optimizers read `beta1` / `momentum` at every step the same way — the buffers keep what they
 hold, the new coefficient weighs the next gradient, and Adam's bias correction 1 − β1^t uses the current β1
-(tests/test_momentum_schedule.py checks every step against torch.optim).
+(tests/optim/test_momentum_schedule.py checks every step against torch.optim).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ on the CPU.
 import numpy as np
 import pytest
 
+from helpers.bitwise import assert_bitwise_equal
 from helpers.cublas_layouts import layout_cases
 from minidiff.backend import BackendError, get_backend, to_numpy
 from minidiff.optim import build_optimizer
@@ -97,9 +98,9 @@ def test_cuda_graph_training_steps_give_the_eager_steps_bits(dtype):
     assert graphs_gpu.pool_bytes() > 0
     _, outs0, grads0, params0 = _train_steps(False, dtype)
     for step, (a, b, ga, gb) in enumerate(zip(outs, outs0, grads, grads0)):
-        np.testing.assert_array_equal(a, b, err_msg=f"output, step {step}")
-        np.testing.assert_array_equal(ga, gb, err_msg=f"gradients, step {step}")
-    np.testing.assert_array_equal(params, params0)
+        assert_bitwise_equal(a, b, f"output, step {step}")
+        assert_bitwise_equal(ga, gb, f"gradients, step {step}")
+    assert_bitwise_equal(params, params0)
 
 
 def test_cuda_graphs_survive_the_scratch_buffers_being_dropped_and_reused():
@@ -117,10 +118,10 @@ def test_cuda_graphs_survive_the_scratch_buffers_being_dropped_and_reused():
     assert model.enabled and all(e.backward_graph is not None for e in model.entries.values())
     _, outs0, grads0, params0 = _train_steps(False, steps=5)
     assert junk and all(bool((j == 7.0).all()) for j in junk)   # no replay wrote into memory handed on
-    np.testing.assert_array_equal(params, params0)
+    assert_bitwise_equal(params, params0)
     for a, b, ga, gb in zip(outs, outs0, grads, grads0):
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(ga, gb)
+        assert_bitwise_equal(a, b)
+        assert_bitwise_equal(ga, gb)
 
 
 def test_cuda_graph_sampling_gives_the_eager_samples_bits():
@@ -131,7 +132,7 @@ def test_cuda_graph_sampling_gives_the_eager_samples_bits():
         fn = lambda x, t: model.forward(x, t, cache=False)  # noqa: E731
         samples.append(to_numpy(ddim_sample(fn, schedule, (4, 1, 16, 16), num_steps=6, backend=GPU, seed=2)))
         assert bool(_graphed(model)) == graphs == model.enabled
-    np.testing.assert_array_equal(*samples)
+    assert_bitwise_equal(*samples)
 
 
 def test_a_graphed_backward_runs_once_per_forward():
@@ -166,7 +167,7 @@ def test_training_with_cuda_graphs_gives_the_eager_runs_bits(monkeypatch, tmp_pa
             trainer.train_step()
         assert (trainer.model.enabled and bool(_graphed(trainer.model))) == enabled
         params.append(to_numpy(trainer.model.params.flat))
-    np.testing.assert_array_equal(*params)
+    assert_bitwise_equal(*params)
 
 
 def test_the_memory_peak_counts_what_the_eager_warm_up_held_before_a_capture_freed_it():
@@ -190,8 +191,8 @@ def test_a_failed_backward_capture_reruns_the_forward_eagerly_and_turns_graphs_o
         model, outs, grads, params = _train_steps(True)
     assert not model.enabled
     _, outs0, grads0, params0 = _train_steps(False)
-    np.testing.assert_array_equal(params, params0)
-    np.testing.assert_array_equal(grads[1], grads0[1])   # the step whose backward capture failed
+    assert_bitwise_equal(params, params0)
+    assert_bitwise_equal(grads[1], grads0[1])   # the step whose backward capture failed
 
 
 def test_a_scratch_buffer_missing_at_capture_time_defers_the_capture_to_the_next_call():
@@ -216,9 +217,9 @@ def test_a_scratch_buffer_missing_at_capture_time_defers_the_capture_to_the_next
             results.append(to_numpy(model2.backward(out).flat))
         assert _graphed(model2) and all(e.backward_graph is not None for e in model2.entries.values())
     _, outs0, grads0, params0 = _train_steps(False, steps=5)
-    np.testing.assert_array_equal(params, params0)
+    assert_bitwise_equal(params, params0)
     for r in results[1:]:
-        np.testing.assert_array_equal(r, results[0])
+        assert_bitwise_equal(r, results[0])
 
 
 def test_forwards_of_other_shapes_between_a_forward_and_its_backward_leave_its_graph_intact():
@@ -236,7 +237,7 @@ def test_forwards_of_other_shapes_between_a_forward_and_its_backward_leave_its_g
             out.append(to_numpy(model.backward(y * 2.0).flat))
     assert len(_graphed(models[0])) == 3
     for a, b in zip(*got):
-        np.testing.assert_array_equal(a, b)
+        assert_bitwise_equal(a, b)
 
 
 def test_more_input_shapes_than_entries_run_eagerly_with_the_same_results():
@@ -249,7 +250,7 @@ def test_more_input_shapes_than_entries_run_eagerly_with_the_same_results():
             o.append(to_numpy(model.forward(x, np.arange(n), cache=False)))
     assert len(models[0].entries) == graphs_gpu.MAX_ENTRIES == len(_graphed(models[0]))
     for a, b in zip(*outs):
-        np.testing.assert_array_equal(a, b)
+        assert_bitwise_equal(a, b)
 
 
 def test_turning_graphs_off_between_a_replayed_forward_and_its_backward_keeps_the_backward():
@@ -259,7 +260,7 @@ def test_turning_graphs_off_between_a_replayed_forward_and_its_backward_keeps_th
     model.set_cuda_graphs(False)
     got = to_numpy(model.backward(out).flat)
     out_eager = model.forward(x, np.arange(8))
-    np.testing.assert_array_equal(got, to_numpy(model.backward(out_eager).flat))
+    assert_bitwise_equal(got, to_numpy(model.backward(out_eager).flat))
 
 
 def test_a_full_training_run_with_probes_samples_and_evaluation_gives_the_eager_runs_bits(monkeypatch, tmp_path):
@@ -277,7 +278,7 @@ def test_a_full_training_run_with_probes_samples_and_evaluation_gives_the_eager_
         trainer.train(run, config.steps)
         assert (trainer.model.enabled and bool(_graphed(trainer.model))) == enabled
         states.append(to_numpy(trainer.model.params.flat))
-    np.testing.assert_array_equal(*states)
+    assert_bitwise_equal(*states)
 
 
 def test_a_product_into_an_out_that_overlaps_an_operand_is_computed_from_the_operands_before():
