@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from helpers.bitwise import assert_bitwise_equal, untimed
+from helpers.optim_cases import torch_twins
 from minidiff.optim import SGD, Adam, AdamW, NAdam
 from minidiff.optim.momentum_schedules import make_momentum_schedule, momentum_attribute, set_momentum
 from minidiff.runs.file import RunFile
@@ -63,11 +64,7 @@ def test_changing_the_momentum_every_step_matches_torch_optim(torch64, case, sha
     torch = torch64
     _, ours_cls, torch_name, hyper = case
     rng = np.random.default_rng(2)
-    init = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
-    params = {k: v.copy() for k, v in init.items()}
-    opt = ours_cls(params, **hyper)
-    tparams = {k: torch.tensor(v, requires_grad=True) for k, v in init.items()}
-    topt = getattr(torch.optim, torch_name)(list(tparams.values()), **hyper, foreach=False)
+    opt, params, topt, tparams = torch_twins(torch, ours_cls, torch_name, hyper, SHAPES, rng)
     attr = momentum_attribute(opt)
     start = opt.beta1 if attr == "beta1" else opt.momentum
     schedule = make_momentum_schedule(shape, start, 0.3, STEPS)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from helpers.optim_cases import torch_twins
 from minidiff.optim.clip import clip_grad_norm
 from minidiff.kernels.flat import FlatArrays
 from minidiff.optim import SGD, Adam, AdamW, NAdam
@@ -58,11 +59,7 @@ def test_matches_torch_optim_every_step(torch64, case, change_lr):
     torch = torch64
     _, ours_cls, torch_name, hyper = case
     rng = np.random.default_rng(1)
-    init = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
-    params = {k: v.copy() for k, v in init.items()}
-    opt = ours_cls(params, **hyper)
-    tparams = {k: torch.tensor(v, requires_grad=True) for k, v in init.items()}
-    topt = getattr(torch.optim, torch_name)(list(tparams.values()), **hyper, foreach=False)
+    opt, params, topt, tparams = torch_twins(torch, ours_cls, torch_name, hyper, SHAPES, rng)
     worst = 0.0
     for step in range(STEPS):
         if change_lr and step in (STEPS // 3, 2 * STEPS // 3):
