@@ -93,7 +93,9 @@ def targets(rows) -> dict:
 
 
 def collect(out: Path, docs: Path, settings=None) -> None:
-    rows, curves = [], []
+    """runs.csv and series.npz from every run that has ended (finished or diverged); a run still training or stopped
+    part way is left out, so a collect while stages run tabulates only complete runs."""
+    rows, curves, unfinished = [], [], []
     for stage in STAGE_ORDER:
         manifest = out / stage / "manifest.json"
         if not manifest.exists():
@@ -104,6 +106,9 @@ def collect(out: Path, docs: Path, settings=None) -> None:
                 continue
             c = entry["config"]
             measured, series = read_run(path)
+            if measured["status"] not in ("finished", "diverged"):
+                unfinished.append(f"{stage}/{name}")
+                continue
             val = series.get("val_loss", np.zeros(0))
             row = {"stage": stage, "setting": entry["setting"], "optimizer": c["optimizer"], "lr": c["lr"],
                    "momentum": c["momentum"] if c["optimizer"] in ("momentum", "nesterov") else "",
@@ -136,6 +141,8 @@ def collect(out: Path, docs: Path, settings=None) -> None:
     np.savez_compressed(docs / "series.npz", **flat)
     print(f"{len(rows)} runs -> {docs / 'runs.csv'}, {docs / 'series.npz'} "
           f"({(docs / 'series.npz').stat().st_size / 2**20:.1f} MiB); targets {goal}")
+    if unfinished:
+        print(f"left out {len(unfinished)} runs that have not ended: {', '.join(unfinished)}")
 
 
 def _aligned(series: dict, name: str) -> np.ndarray:

@@ -51,7 +51,7 @@ def main_section(rows) -> list:
     for s in MAIN_ORDER:
         rs = select(main, setting=s)
         if rs:
-            div = sum(r["status"] != "finished" for r in rs)
+            div = sum(r["status"] == "diverged" for r in rs)
             body.append([s, f"{rs[0]['lr']:g}"] + [cell([r[m] for r in rs], f) for m, _, f in METRICS]
                         + [str(div)])
     out += table(["setting", "lr"] + [h for _, h, _ in METRICS] + ["diverged"], body) + [""]
