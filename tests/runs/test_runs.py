@@ -1,19 +1,14 @@
-"""minidiff.runs.file: exact checkpoints, metrics, no clobbering, damage reports, and survival of SIGKILL at any
-moment."""
+"""minidiff.runs.file: exact checkpoints, metrics, no clobbering and damage reports. Writers, storage failures and
+kills: test_run_file_writes.py."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import h5py
 import numpy as np
 import pytest
 
 from helpers.bitwise import assert_bitwise_equal
+from helpers.run_files import new_run
 from minidiff.runs.file import RunFile, RunFileError, RunFileExistsError
 from minidiff.backend.strict import StrictArray
 
@@ -38,12 +33,8 @@ def _state(seed=0):
     }
 
 
-def _new(tmp_path, name="run.h5", **kw):
-    return RunFile.create(tmp_path / name, {"lr": 1e-3, "optimizer": "adam"}, "minidiff train --lr 1e-3", **kw)
-
-
 def test_checkpoint_round_trip_is_bit_exact_including_128bit_rng_state(tmp_path):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     state = _state()
     run.save_checkpoint(state)
     assert_bitwise_equal(state, RunFile.open(tmp_path / "run.h5").load_checkpoint())
@@ -66,7 +57,7 @@ def test_the_tree_store_keeps_nan_payloads_and_infinities_that_a_checkpoint_refu
         write_tree(f, "t", tree)
     with h5py.File(tmp_path / "t.h5", "r") as f:
         assert_bitwise_equal(tree, read_tree(f["t"]))
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     for where, bad in [("params/w", np.array([1.0, np.nan])), ("lr", float("inf")), ("m/0", np.float32(-np.inf))]:
         path = where.split("/")
         state = {"step": 1}
@@ -81,7 +72,7 @@ def test_the_tree_store_keeps_nan_payloads_and_infinities_that_a_checkpoint_refu
 
 def test_device_arrays_in_a_checkpoint_come_back_as_equal_host_arrays(tmp_path):
     w = np.random.default_rng(1).standard_normal((3, 3))
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     run.save_checkpoint({"params": {"w": StrictArray(w)}}, step=5)
     run.log(5, loss=StrictArray(np.array(0.25, np.float32)), tl=StrictArray(np.ones(2)))
     assert run.metrics()["loss"][0] == 0.25 and run.metrics()["tl"].shape == (1, 2)
@@ -98,14 +89,14 @@ def test_batch_order_resumed_through_a_run_file_checkpoint_is_identical(tmp_path
     it = BatchIterator(data, 4, seed=3)
     for _ in range(5):
         next(it)
-    _new(tmp_path).save_checkpoint({"step": 5, "data": it.state_dict()})
+    new_run(tmp_path).save_checkpoint({"step": 5, "data": it.state_dict()})
     again = BatchIterator(data, 4, seed=0)
     again.load_state_dict(RunFile.open(tmp_path / "run.h5").load_checkpoint()["data"])
     np.testing.assert_array_equal(np.stack([next(again) for _ in range(11)]), np.stack(ref[5:]))
 
 
 def test_unstorable_checkpoint_leaf_is_a_type_error_naming_its_path(tmp_path):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     with pytest.raises(TypeError, match="/state/opt/fn"):
         run.save_checkpoint({"step": 1, "opt": {"fn": print}})
     with pytest.raises(TypeError, match="keys must be non-empty strings"):
@@ -114,7 +105,7 @@ def test_unstorable_checkpoint_leaf_is_a_type_error_naming_its_path(tmp_path):
 
 
 def test_metrics_append_across_flushes_fill_gaps_with_nan_and_merge_same_step(tmp_path):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     for s in range(0, 50, 10):
         run.log(s, loss=1.0 / (s + 1), lr=1e-3)
     run.flush()
@@ -136,7 +127,7 @@ def test_metrics_append_across_flushes_fill_gaps_with_nan_and_merge_same_step(tm
 
 
 def test_metrics_reject_steps_going_back_and_changing_widths(tmp_path):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     run.log(10, loss=1.0, tl=np.zeros(3))
     with pytest.raises(ValueError, match="went back from 10 to 9"):
         run.log(9, loss=1.0)
@@ -147,18 +138,18 @@ def test_metrics_reject_steps_going_back_and_changing_widths(tmp_path):
 
 
 def test_existing_run_is_never_overwritten_without_the_flag(tmp_path):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     run.save_checkpoint({"step": 1})
     before = (tmp_path / "run.h5").read_bytes()
     with pytest.raises(RunFileExistsError, match="already exists; pass overwrite=True"):
-        _new(tmp_path)
+        new_run(tmp_path)
     assert (tmp_path / "run.h5").read_bytes() == before
-    fresh = _new(tmp_path, overwrite=True)
+    fresh = new_run(tmp_path, overwrite=True)
     assert fresh.checkpoint_step is None and RunFile.open(tmp_path / "run.h5").checkpoint_step is None
 
 
 def test_root_attributes_record_identity_versions_and_status(tmp_path):
-    run = _new(tmp_path, backend="cupy", versions={"cupy": "13.3.0"})
+    run = new_run(tmp_path, backend="cupy", versions={"cupy": "13.3.0"})
     run.set_status("diverged", "loss is NaN at step 7")
     a = RunFile.open(tmp_path / "run.h5").attrs
     assert a["format"] == "minidiff-run" and a["format_version"] == 1 and a["status"] == "diverged"
@@ -170,7 +161,7 @@ def test_root_attributes_record_identity_versions_and_status(tmp_path):
 
 
 def test_samples_are_stored_per_step_with_sampler_attributes(tmp_path):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     imgs = np.random.default_rng(0).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
     run.add_samples(100, imgs, sampler="ddim", steps=20, ema=True)
     run.add_samples(200, imgs[::-1], sampler="ddpm", steps=1000, ema=False)
@@ -184,7 +175,7 @@ def test_samples_are_stored_per_step_with_sampler_attributes(tmp_path):
 
 
 def test_resume_drops_metrics_and_samples_after_the_checkpoint_step(tmp_path):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     for s in range(1, 11):
         run.log(s, loss=float(s))
         if s == 6:
@@ -204,7 +195,7 @@ def test_resume_drops_metrics_and_samples_after_the_checkpoint_step(tmp_path):
 
 
 def test_set_config_replaces_the_stored_config_and_keeps_the_checkpoint(tmp_path):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     run.save_checkpoint(_state())
     run.set_config({"steps": 12, "seed": 0})
     reopened = RunFile.open(tmp_path / "run.h5")
@@ -217,7 +208,7 @@ def test_set_config_replaces_the_stored_config_and_keeps_the_checkpoint(tmp_path
 
 
 def test_read_only_run_refuses_writes_and_resume_without_a_checkpoint_starts_over(tmp_path):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     run.log(1, loss=1.0)
     run.add_samples(1, np.zeros((1, 1, 2, 2), np.uint8))
     run.set_status("interrupted", "killed")
@@ -236,7 +227,7 @@ def test_read_only_run_refuses_writes_and_resume_without_a_checkpoint_starts_ove
 
 
 def test_leftover_tmp_from_a_killed_flush_is_ignored_then_removed(tmp_path):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     run.save_checkpoint({"step": 3})
     (tmp_path / "run.h5.tmp").write_bytes(b"\x89HDF\r\n\x1a\n half a file")
     assert RunFile.open(tmp_path / "run.h5").checkpoint_step == 3 and (tmp_path / "run.h5.tmp").exists()
@@ -253,7 +244,7 @@ def _flip_bytes(path, offset, n=4):
 
 
 def test_damaged_files_give_one_clear_error_naming_the_damaged_part(tmp_path):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     for s in range(5):
         run.log(s, loss=float(s))
     run.save_checkpoint({"step": 4, "params": {"w": np.ones(1000, np.float32)}})
@@ -327,7 +318,7 @@ def _edited_cases():
 @pytest.mark.parametrize("name, edit, fragment", _edited_cases(), ids=[c[0] for c in _edited_cases()])
 def test_edited_files_with_valid_checksums_are_refused_naming_the_part_by_every_open(tmp_path, name, edit,
                                                                                      fragment):
-    run = _new(tmp_path)
+    run = new_run(tmp_path)
     for s in range(5):
         run.log(s, loss=float(s))
     run.save_checkpoint({"step": 4, "params": {"w": np.ones(1000, np.float32)},
@@ -343,201 +334,3 @@ def test_edited_files_with_valid_checksums_are_refused_naming_the_part_by_every_
         message = str(err.value)
         assert message.startswith(f"{path}: ") and fragment in message and "\n" not in message, message
     assert path.read_bytes() == before and not (tmp_path / "run.h5.lock").exists()
-
-
-_SECOND_WRITER = textwrap.dedent("""
-    import sys
-    from minidiff.runs.file import RunFile, RunFileError
-    try:
-        RunFile.open(sys.argv[1], mode="a")
-    except RunFileError as exc:
-        print("refused:", exc)
-    else:
-        print("opened")
-    run = RunFile.open(sys.argv[1])   # a reader is never refused
-    print("read", run.checkpoint_step)
-""")
-
-
-def test_one_writer_per_run_file_readers_still_read_and_the_lock_dies_with_its_process(tmp_path):
-    from minidiff.runs import lock
-
-    path = tmp_path / "run.h5"
-    run = _new(tmp_path)
-    run.save_checkpoint({"step": 2})
-    assert lock.holder(path) == os.getpid() and (tmp_path / "run.h5.lock").exists()
-    again = RunFile.open(path, mode="a")   # the same process: the lock is shared, not refused
-    other = subprocess.run([sys.executable, "-c", _SECOND_WRITER, str(path)], capture_output=True, text=True,
-                           check=True).stdout
-    assert f"refused: {path} is being written by process {os.getpid()}" in other and "read 2" in other
-    again.close()
-    assert lock.holder(path) == os.getpid()   # `run` still holds it
-    run.close()
-    assert lock.holder(path) is None and not (tmp_path / "run.h5.lock").exists()
-    assert "opened" in subprocess.run([sys.executable, "-c", _SECOND_WRITER, str(path)], capture_output=True,
-                                      text=True, check=True).stdout
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from minidiff.runs.file import RunFile; "
-                               "r = RunFile.open(sys.argv[1], mode='a'); print('held', flush=True); time.sleep(60)",
-                               str(path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        assert lock.holder(path) == holder.pid
-        with pytest.raises(RunFileError, match=f"being written by process {holder.pid}"):
-            RunFile.open(path, mode="a")
-    finally:
-        holder.kill()
-        holder.wait()
-    assert lock.holder(path) is None   # SIGKILL leaves a lock file that locks nothing
-    RunFile.open(path, mode="a").close()
-
-
-_SLOW_HOLDER = textwrap.dedent("""
-    import fcntl, os, sys, time
-    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-    fcntl.lockf(fd, fcntl.LOCK_EX)
-    print("locked", flush=True)
-    time.sleep(0.2)          # locked, its process id not yet written: a second writer arriving now must wait for it
-    os.write(fd, str(os.getpid()).encode())
-    time.sleep(30)
-""")
-
-
-def test_a_writer_refused_just_as_the_holder_locks_still_names_the_holder(tmp_path):
-    path = tmp_path / "run.h5"
-    _new(tmp_path).close()
-    holder = subprocess.Popen([sys.executable, "-c", _SLOW_HOLDER, str(tmp_path / "run.h5.lock")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunFileError, match=f"being written by process {holder.pid};"):
-            RunFile.open(path, mode="a")
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-def test_a_write_the_file_system_refuses_is_a_storage_error_and_leaves_the_file_as_it_was(tmp_path, monkeypatch):
-    import errno
-    from minidiff.runs import publish
-    from minidiff.runs.file import StorageError
-
-    run = _new(tmp_path)
-    run.save_checkpoint({"step": 2, "w": np.ones(3)})
-    before = (tmp_path / "run.h5").read_bytes()
-
-    def full(*args):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(publish.os, "replace", full)
-    run.log(3, loss=1.0)
-    with pytest.raises(StorageError, match=f"cannot write {tmp_path / 'run.h5'}: No space left on device") as err:
-        run.flush()
-    assert err.value.errno == errno.ENOSPC and isinstance(err.value, OSError)
-    assert (tmp_path / "run.h5").read_bytes() == before and not (tmp_path / "run.h5.tmp").exists()
-    monkeypatch.undo()
-    run.discard_pending()
-    run.set_status("interrupted", "disk full")
-    back = RunFile.open(tmp_path / "run.h5")
-    assert back.status == "interrupted" and len(back.metrics()["step"]) == 0 and back.checkpoint_step == 2
-
-
-_FULL_DISK_WRITER = textwrap.dedent("""
-    import resource, signal, sys
-    import numpy as np
-    from minidiff.runs.file import RunFile, StorageError
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit then fails with EFBIG, as a full disk
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-    run = RunFile.create(sys.argv[1], {"seed": 0}, "full-disk-writer")
-    run.save_checkpoint({"step": 1, "w": np.ones(1000)})
-    kept = []   # the error stays alive, as in a command that reports it (the crash came when such objects died)
-    try:
-        run.save_checkpoint({"step": 2, "w": {f"a{i}": np.ones(2000) for i in range(100)}})
-    except StorageError as exc:
-        kept.append(exc)
-        print("refused:", exc)
-    run.set_status("interrupted", "disk full")
-    print("status written")
-""")
-
-
-def test_a_full_disk_mid_write_is_a_clean_storage_error_and_the_process_ends_normally(tmp_path):
-    """HDF5 writing to a full disk itself leaves its library state dirty: every later close failed again and the
-    process crashed at exit. The file is built in memory and written with one plain write instead."""
-    path = tmp_path / "r.h5"
-    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_WRITER, str(path)], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
-    assert f"refused: cannot write {path}: File too large" in proc.stdout and "status written" in proc.stdout
-    run = RunFile.open(path)
-    assert run.status == "interrupted" and run.checkpoint_step == 1 and not (tmp_path / "r.h5.tmp").exists()
-
-
-def test_checkpoint_of_10mb_is_rewritten_whole_without_leaking_space_or_stalling(tmp_path):
-    run = _new(tmp_path)
-    rng = np.random.default_rng(0)
-    state = {"step": 1, "params": {f"p{i}": rng.standard_normal(262_144).astype(np.float32) for i in range(10)}}
-    t0 = time.perf_counter()
-    run.save_checkpoint(state)
-    t_ckpt = time.perf_counter() - t0
-    run.log(2, loss=1.0)
-    t0 = time.perf_counter()
-    run.flush()  # a metrics-only flush still rebuilds the file around the 10 MB checkpoint
-    t_flush = time.perf_counter() - t0
-    size = os.path.getsize(tmp_path / "run.h5")
-    print(f"\n10 MB checkpoint: save {t_ckpt * 1e3:.0f} ms, metrics flush {t_flush * 1e3:.0f} ms, "
-          f"file {size / 1e6:.1f} MB")
-    assert size < 10.6e6  # rebuilt, not appended: no space leaks from replaced checkpoints
-    # the bound catches a pathological slowdown (say, element-wise writes), not the noise of a loaded machine
-    assert t_ckpt < 10.0 and t_flush < 10.0
-
-
-WRITER = textwrap.dedent("""
-    import sys, numpy as np
-    from minidiff.runs.file import RunFile
-    run = RunFile.create(sys.argv[1], {"seed": 0}, "crash-writer")
-    print("ready", flush=True)
-    rng = np.random.default_rng(0)
-    step = 0
-    while True:
-        step += 1
-        run.log(step, loss=1.0 / step, tl=np.full(4, float(step)))
-        if step % 3 == 0:
-            rng.standard_normal(3)
-            run.save_checkpoint({"step": step, "params": {"w": np.full(600_000, step, np.float32),
-                                 "v": np.full(1000, -step, np.float64)}, "rng": rng.bit_generator.state})
-        else:
-            run.flush()
-""")
-
-
-def test_sigkill_at_random_moments_always_leaves_a_complete_resumable_file(tmp_path):
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER)
-    delays = np.random.default_rng(20240607).uniform(0.02, 0.7, size=8)  # fixed: a failure can be rerun
-    tmp_left = resumed = 0
-    for trial, delay in enumerate(delays):
-        path = tmp_path / f"crash{trial}.h5"
-        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        tmp_left += (tmp_path / f"crash{trial}.h5.tmp").exists()
-        run = RunFile.open(path, mode="a")  # verifies every part; raises if anything is damaged
-        m = run.metrics()
-        np.testing.assert_array_equal(m["step"], np.arange(1, len(m["step"]) + 1))  # no gaps, no duplicates
-        np.testing.assert_array_equal(m["loss"], 1.0 / m["step"])
-        np.testing.assert_array_equal(m["tl"], np.repeat(m["step"][:, None], 4, 1).astype(float))
-        if run.checkpoint_step is None:
-            assert len(m["step"]) < 3, f"trial {trial}: metrics past step 3 but no checkpoint"
-            continue
-        assert m["step"][-1] >= run.checkpoint_step  # metrics flush with (or after) each checkpoint
-        state = run.resume()
-        k = state["step"]
-        assert k == run.checkpoint_step and k % 3 == 0
-        assert (state["params"]["w"] == k).all() and (state["params"]["v"] == -k).all()
-        assert run.metrics()["step"][-1] == k
-        resumed += 1
-    # a kill inside the write itself is test_faults_env.py's business (at chosen points, not by chance); here
-    # enough trials must have got past a checkpoint and resumed from it
-    print(f"\nSIGKILL trials: {len(delays)}, resumed from a checkpoint: {resumed}, .tmp left behind: {tmp_left}")
-    assert resumed >= len(delays) // 2
