@@ -93,7 +93,8 @@ class _Session:
 
 
 def _timing_keys(seconds, cfg, flops, prefix=""):
-    """Median ms, every run's ms, images/s and GFLOP/s under `prefix` + key; None without runs."""
+    """Median ms, every repeat's ms (`step_ms_runs`), images/s and GFLOP/s under `prefix` + key; None without
+    repeats."""
     med = float(np.median(seconds)) if seconds else None
     keys = {"step_ms": med and 1e3 * med, "step_ms_runs": seconds and [1e3 * x for x in seconds],
             "step_ms_best": seconds and 1e3 * min(seconds),

@@ -7,10 +7,10 @@
 The Frechet distance (Heusel et al. 2017, the FID formula) between Gaussians fitted to two feature sets is
     FD = |mu1 - mu2|^2 + tr(C1) + tr(C2) - 2 tr((C1 C2)^(1/2)),
 here in the 64-d penultimate layer of `minidiff.instruments.classifier.DigitsClassifier` instead of Inception's
-pool3. Like FID it is biased upwards by small sample sizes, so compare numbers computed with the same number of samples, and read
-them against `reference_levels()`: the floor (training digits vs the held-out digits: what a perfect generator
-would score) and the ceiling (Gaussian noise images vs the held-out digits). With the shipped classifier (held-out
-accuracy 98.9%): floor 16.7 (all 1617 training digits), 18.1 with 1000 of them, 26.1 with 180; ceiling ~1077.
+pool3. Like FID it is biased upwards by small sample sizes, so compare numbers computed with the same number of
+samples, and read them against `reference_levels()`: the floor (training digits vs the held-out digits: what a
+perfect generator would score) and the ceiling (Gaussian noise images vs the held-out digits). data/README.md gives
+both for the shipped classifier at the sample counts the project uses.
 
 Everything here runs on the host in float64 (the inputs are copied with `to_numpy`): these are evaluation numbers,
 computed rarely, on small arrays; the classifier's forward is the only array work and it is tiny.

@@ -1,11 +1,11 @@
 """Per-channel sums and adds on channels-last arrays (N, *spatial, C), shared by the convolution and GroupNorm.
 
-- `channel_sums`: sums over the spatial positions as one batched matrix-vector product with a row of ones, an order
-  of magnitude faster in NumPy than a reduction over a strided axis, and on CuPy a cuBLAS product that splits the
-  long axis where CuPy's reduction would give each of the few outputs one thread block;
+- `channel_sums`: sums over the spatial positions as one batched matrix-vector product with a row of ones: in NumPy
+  one BLAS call instead of a reduction that walks a strided axis, and on CuPy a cuBLAS product that splits the long
+  axis where CuPy's reduction would give each of the few outputs one thread block (BENCHMARKS.md has the timings);
 - `add_channels`: a per-channel (or per-image-and-channel) add on "wide rows": x (N, S, C) seen as (N, S / k, k C)
   with the values tiled k times (`tiled`), so NumPy's inner loop runs over k C elements instead of C (a broadcast over
-  a few channels runs several times slower per element than a flat loop).
+  a few channels pays the inner loop's overhead every C elements).
 Tiling is a product with a constant 0/1 matrix: each output is one value times 1 plus zeros, so it is exact for
 finite values.
 """

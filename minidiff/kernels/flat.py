@@ -85,8 +85,8 @@ def total_size(shapes: dict) -> int:
 
 
 def chunks(arrays: FlatArrays, min_size: int) -> list:
-    """[(start, stop, names)]: consecutive arrays grouped until a group holds >= min_size elements (the last group
-    may hold fewer). An array larger than min_size forms a group of its own or ends one."""
+    """[(start, stop, names)]: consecutive arrays gathered into a chunk until it holds >= min_size elements (the
+    last chunk may hold fewer). An array larger than min_size forms a chunk of its own or ends one."""
     out, names, start = [], [], 0
     for name, (a, b) in arrays.spans.items():
         names.append(name)

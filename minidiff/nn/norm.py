@@ -2,8 +2,8 @@
 
 x (N, *spatial, C): each image's C channels form `groups` groups of Cg = C / groups consecutive channels, normalised
 over (spatial, Cg) as torch.nn.GroupNorm does. Written for speed on NumPy without losing the reference form:
-- per-(image, channel) sums are one batched matrix-vector product (`channel_sums`), an order of magnitude faster in
-  NumPy than a reduction over a strided axis;
+- per-(image, channel) sums are one batched matrix-vector product (`channel_sums`): one BLAS call, where NumPy's
+  reduction over a strided axis walks memory out of order (BENCHMARKS.md has the timings);
 - normalise, scale and shift fold into one multiply and one add with per-(image, channel) coefficients a, b:
   h = x_hat * gamma + beta = x * a + b, a = inv_std * gamma, b = beta - mean * a;
 - SiLU is written as h * sigmoid(h) = h/2 + (h/2) tanh(h/2) (sigmoid = (1 + tanh(h/2)) / 2 never overflows), and
@@ -14,12 +14,12 @@ over (spatial, Cg) as torch.nn.GroupNorm does. Written for speed on NumPy withou
 - temporaries live in reused scratch buffers (minidiff.kernels.workspace); only the output is a new array.
 - the per-(image, channel) coefficients are applied on "wide rows": x (N, S, C) seen as (N, S / k, k C) with the
   coefficients tiled k times, so NumPy's inner loop runs over k C elements instead of C (a broadcast over a few
-  channels runs several times slower per element than a flat loop; see minidiff.kernels.channels);
+  channels pays the loop's overhead every C elements; see minidiff.kernels.channels);
 - per-group and per-channel values move between (N, G), (N, C) and the tiled (N, k C) by products with constant
   0/1 matrices (`_maps`): one small matmul instead of a reshape-sum, a repeat and a concatenate. Each output of a
   spreading or tiling product is one value times 1 plus zeros, so it is exact for finite values (an inf turns the
   other columns' 0 * inf into NaN: a diverged run is non-finite either way); a group sum is a BLAS product, whose
-  float32 rounding can differ from the reduction it replaced (docs/momentum-study.md says what that changed).
+  float32 rounding can differ from a plain reduction's (reference.py's GroupNorm sums the plain way).
 On CuPy all of this is launches, not arithmetic: `minidiff.kernels.norm_cuda` computes the same function in fused
 kernels.
 The same math written for reading (NCHW, unfused, no scratch): minidiff.nn.reference.group_norm_forward.

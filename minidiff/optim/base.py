@@ -227,11 +227,11 @@ class Optimizer:
         scratch for a chunk or one array (diagnostics steps) at a time."""
         flat = {b: params.like(self._xp.zeros_like(params.flat)) for b in self.buffer_names()}
         self.state = {name: {b: flat[b][name] for b in flat} for name in params}
-        spans = flat_chunks(params, self.CHUNK_SIZE_GPU if is_cupy_module(self._xp) else self.CHUNK_SIZE)
-        thetas = {("chunk", k): params.flat[start:stop] for k, (start, stop, _) in enumerate(spans)}
+        bounds = flat_chunks(params, self.CHUNK_SIZE_GPU if is_cupy_module(self._xp) else self.CHUNK_SIZE)
+        thetas = {("chunk", k): params.flat[start:stop] for k, (start, stop, _) in enumerate(bounds)}
         self._scratch = scratch_views({**params, **thetas}, 3)
         self.chunks = []
-        for (key, theta), (start, stop, names) in zip(thetas.items(), spans):
+        for (key, theta), (start, stop, names) in zip(thetas.items(), bounds):
             g, members = self._scratch[key][0], []
             for name in names:   # where each array's g_t goes in the chunk's g
                 a, b = params.spans[name]
@@ -244,8 +244,8 @@ class Optimizer:
             if grad is not None:
                 self._effective_grad(chunk.theta, grad, g)
             else:
-                for name, g_part in chunk.members:   # g_t of each array, into its place in the chunk
-                    self._effective_grad(self.params[name], grads[name], g_part)
+                for name, g_slice in chunk.members:   # g_t of each array, into its place in the chunk
+                    self._effective_grad(self.params[name], grads[name], g_slice)
             self._update(chunk.state, chunk.theta, g, tmp, u, coef, None)
             chunk.theta += u
 

@@ -18,7 +18,7 @@ from minidiff.backend import backend_of, get_array_module, is_cupy_module, to_nu
 from minidiff.kernels.flat import FlatArrays
 from minidiff.kernels.workspace import scratch_views
 
-CHUNK = 1 << 15   # elements per call of a flat update: long calls, and a working set that stays in the L2 cache
+CHUNK_SIZE = 1 << 15   # elements per call of a flat update: long calls, and a working set that stays in the L2 cache
 _CHUNK_KEY = ("chunk",)
 
 
@@ -38,7 +38,7 @@ class EMA:
         if isinstance(params, FlatArrays) and params.intact():   # a model's: one flat average, updated in chunks
             self.params = params.like(params.flat.copy())
             n = params.flat.shape[0]
-            chunk = n if is_cupy_module(self._xp) else CHUNK   # a GPU has no cache to fit, only launches to save
+            chunk = n if is_cupy_module(self._xp) else CHUNK_SIZE   # a GPU has no cache to fit, only launches to save
             self._chunks = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
             self._scratch = scratch_views({**params, _CHUNK_KEY: params.flat[:chunk]}, 1)   # one buffer, shared
         else:

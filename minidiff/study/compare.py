@@ -5,7 +5,8 @@
 Runs whose configs differ only by `seed` form one group: the curves show the mean over seeds with a band (+-1 std,
 and a fainter min-max), the table gives mean +- sample std [min, max]. Diverged runs are drawn (up to where they
 diverged) but left out of the final-number statistics, and counted in the table. A figure whose metrics no run
-recorded (probes off, an older or very short run) is skipped and listed in the report with the reason.
+recorded (probes off, a file without those metrics, a very short run) is skipped and listed in the report with the
+reason.
 
 Runs are loaded, grouped and summarised by minidiff.study.groups and drawn by minidiff.study.figures; matplotlib is
 an optional extra (`pip install 'minidiff[plots]'`).

@@ -98,7 +98,7 @@ def tuned_hyper(problem, optimizer: str) -> dict:
 
 
 @dataclass
-class Run:
+class Trajectory:
     problem_name: str
     problem: object
     optimizer: str
@@ -108,8 +108,8 @@ class Run:
     final_distance: float = field(default=float("nan"))
 
 
-def run_optimizer(problem, optimizer: str, tol: float = 1e-6, max_steps: int = 40000, hyper: dict | None = None,
-                  problem_name: str = "") -> Run:
+def optimize(problem, optimizer: str, tol: float = 1e-6, max_steps: int = 40000, hyper: dict | None = None,
+             problem_name: str = "") -> Trajectory:
     """Iterate until ||x − x*|| <= tol or max_steps; the whole path is kept for plotting."""
     hyper = tuned_hyper(problem, optimizer) if hyper is None else hyper
     x = np.array(problem.x0, dtype=np.float64)
@@ -123,21 +123,21 @@ def run_optimizer(problem, optimizer: str, tol: float = 1e-6, max_steps: int = 4
         if np.linalg.norm(x - problem.x_star) <= tol:
             reached = k
             break
-    return Run(problem_name or type(problem).__name__.lower(), problem, optimizer, hyper, np.array(path), reached,
-               float(np.linalg.norm(x - problem.x_star)))
+    return Trajectory(problem_name or type(problem).__name__.lower(), problem, optimizer, hyper, np.array(path),
+                      reached, float(np.linalg.norm(x - problem.x_star)))
 
 
-def run_all(optimizers=DEMO_OPTIMIZERS, problems=PROBLEMS, kappa: float = 100.0, tol: float = 1e-6,
-            max_steps: int = 40000) -> list:
-    return [run_optimizer(make_problem(p, kappa), o, tol, max_steps, problem_name=p)
+def optimize_all(optimizers=DEMO_OPTIMIZERS, problems=PROBLEMS, kappa: float = 100.0, tol: float = 1e-6,
+                 max_steps: int = 40000) -> list:
+    return [optimize(make_problem(p, kappa), o, tol, max_steps, problem_name=p)
             for p in problems for o in optimizers]
 
 
-def format_table(runs: list, tol: float, max_steps: int) -> str:
+def format_table(trajectories: list, tol: float, max_steps: int) -> str:
     """Rows: optimizers; columns: problems; cells: steps to ||x − x*|| <= tol (or '> max_steps')."""
-    problems = list(dict.fromkeys(r.problem_name for r in runs))
-    optimizers = list(dict.fromkeys(r.optimizer for r in runs))
-    cell = {(r.problem_name, r.optimizer): r for r in runs}
+    problems = list(dict.fromkeys(r.problem_name for r in trajectories))
+    optimizers = list(dict.fromkeys(r.optimizer for r in trajectories))
+    cell = {(r.problem_name, r.optimizer): r for r in trajectories}
     head = f"steps to ||x - x*|| <= {tol:g} (at most {max_steps})"
     lines = [head, f"{'optimizer':<10}" + "".join(f"{p:>14}" for p in problems)]
     for o in optimizers:
@@ -160,16 +160,16 @@ def _pyplot_free_figure():
     return fig
 
 
-def plot_trajectories(runs: list, path: str) -> None:
+def plot_trajectories(trajectories: list, path: str) -> None:
     """One panel per problem: contour lines of f and each optimizer's path from x_0."""
     fig = _pyplot_free_figure()
-    problems = {r.problem_name: r.problem for r in runs}
+    problems = {r.problem_name: r.problem for r in trajectories}
     for i, (pname, problem) in enumerate(problems.items()):
         ax = fig.add_subplot(1, len(problems), i + 1)
         gx, gy = np.meshgrid(np.linspace(-2.0, 2.0, 200), np.linspace(-1.0, 3.0, 200))
         z = np.vectorize(lambda a, b: problem.value(np.array([a, b])))(gx, gy)
         ax.contour(gx, gy, np.log1p(z), levels=25, linewidths=0.5, colors="0.7")
-        for r in (r for r in runs if r.problem_name == pname):
+        for r in (r for r in trajectories if r.problem_name == pname):
             ax.plot(r.path[:, 0], r.path[:, 1], lw=1.0, label=f"{r.optimizer} ({r.steps_to_tol or '-'})")
         ax.plot(*problem.x_star, "k*", ms=10)
         ax.set(title=pname, xlim=(-2, 2), ylim=(-1, 3), xlabel="x", ylabel="y")
@@ -184,7 +184,7 @@ def run_demo(optimizers=DEMO_OPTIMIZERS, problems=PROBLEMS, kappa: float = 100.0
     for o in optimizers:
         if o not in DEMO_OPTIMIZERS:
             raise ValueError(f"unknown optimizer {o!r}; choose from {', '.join(DEMO_OPTIMIZERS)}")
-    runs = run_all(optimizers, problems, kappa, tol, max_steps)
+    trajectories = optimize_all(optimizers, problems, kappa, tol, max_steps)
     if out is not None:
-        plot_trajectories(runs, out)
-    return format_table(runs, tol, max_steps)
+        plot_trajectories(trajectories, out)
+    return format_table(trajectories, tol, max_steps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,6 @@ def config_from_options(file_values: dict, options: dict) -> TrainConfig:
     base_channels is a shortcut for model_options["base_channels"]; grad_clip 0 means no clipping; the device
     defaults to $MINIDIFF_DEVICE, else cpu. ValueError or TypeError when a value is invalid.
     """
-    import os
-
     values, options = dict(file_values), dict(options)
     base_channels = options.pop("base_channels", None)
     if base_channels is None:

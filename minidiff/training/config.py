@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from minidiff.diffusion.timesteps import TIMESTEP_SAMPLERS
 from minidiff.optim.momentum_schedules import MOMENTUM_SCHEDULES
@@ -247,8 +250,6 @@ def _integer(name, value, minimum):
 
 def load_config_file(path) -> dict:
     """Options from a JSON or TOML file (by extension; keys may use dashes or underscores)."""
-    from pathlib import Path
-
     path = Path(path)
     try:
         text = path.read_bytes()
@@ -273,10 +274,6 @@ def load_config_file(path) -> dict:
 
 def default_run_path(config: TrainConfig, folder="runs"):
     """runs/<dataset>-<optimizer>-<UTC time>.h5: a new name every time, so a default run never clobbers another."""
-    import os
-    import time
-    from pathlib import Path
-
     stem = Path(str(config.dataset)).stem if ("/" in str(config.dataset) or "." in str(config.dataset)) \
         else config.dataset
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())

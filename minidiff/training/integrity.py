@@ -18,7 +18,7 @@ from minidiff.backend import to_numpy
 from minidiff.kernels.flat import FlatArrays
 from minidiff.runs.file import RunFileError
 
-# Entries a checkpoint may lack: run files written before the instruments kept state
+# Entries a checkpoint may lack: the instruments' state is optional in format 1 (without it the probes start afresh)
 OPTIONAL = {"instruments"}
 # The instruments' carried gradient: None, or one array per parameter (a fresh trainer's state has None)
 CARRIED_GRADS = "instruments/previous_grads"

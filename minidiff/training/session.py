@@ -49,14 +49,14 @@ def _record_model(run, trainer) -> None:
 def thread_count_note(run, trainer) -> str | None:
     """One line for a resume with a CPU thread count other than the run's (None when they agree, or unrecorded).
 
-    A CPU batch is split into up to that many parts (minidiff.models.base) whose gradients are added in part order,
-    so a continuation with another count matches an uninterrupted run to rounding, not bit for bit. (The split also
-    depends on whether parts run in processes or on threads, which is the same on the same system.)"""
+    A CPU batch is split into up to that many chunks (minidiff.execution.data_parallel) whose gradients are added in
+    chunk order, so a continuation with another count matches an uninterrupted run to rounding, not bit for bit. (The
+    split also depends on whether chunks run in processes or on threads, which is the same on the same system.)"""
     before, now = run.attrs.get("cpu_threads"), cpu_workers(trainer.backend.xp)
     if before is None or int(before) == now:
         return None
     return (f"note: {run.path.name} was trained with {int(before)} CPU thread(s) and resumes with {now}; the batch "
-            f"parts' gradients then add up in another order, so the continuation matches an uninterrupted run to "
+            f"chunks' gradients then add up in another order, so the continuation matches an uninterrupted run to "
             f"rounding, not bit for bit (OPENBLAS_NUM_THREADS={int(before)} gives the same count on a machine with at "
             f"least {int(before)} cores)")
 

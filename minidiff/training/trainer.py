@@ -213,7 +213,7 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         self.timestep_sampler.load_state_dict(state["timestep_sampler"])
         self.train_time = float(state["train_time"])
-        if "instruments" in state:  # run files written before the instruments kept state have none
+        if "instruments" in state:  # optional in the run format (training/integrity.OPTIONAL)
             self.instruments.load_state_dict(state["instruments"])
         acc, be = state["accumulators"], self.backend
         self._acc = {"loss": be.asarray(acc["loss"]), "grad_norm": be.asarray(acc["grad_norm"]),

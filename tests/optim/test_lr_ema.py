@@ -163,7 +163,7 @@ def test_ema_of_parameters_laid_end_to_end_is_the_per_array_ema_bit_for_bit(devi
     from minidiff.optim import ema as ema_module
     from minidiff.backend import get_backend
     from minidiff.kernels.flat import FlatArrays, total_size
-    monkeypatch.setattr(ema_module, "CHUNK", 7)   # chunks that start and end inside arrays
+    monkeypatch.setattr(ema_module, "CHUNK_SIZE", 7)   # chunks that start and end inside arrays
     be = get_backend(device)
     shapes = {"w": (3, 4), "b": (5,), "k": (2, 2, 2)}
     rng = np.random.default_rng(8)

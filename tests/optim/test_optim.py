@@ -355,7 +355,7 @@ def _emulated_kernels(xp, name):
 def test_the_fused_step_hands_its_kernels_the_generic_steps_numbers(name, hyper, flat, monkeypatch):
     """With NumPy stand-ins for the kernels, the fused path must give the generic path's parameters and state bit
     for bit: the kernels do the same float32 operations in the same order, so any difference is in the plumbing.
-    end-to-end: parameters and gradients laid out alike (a model's), one launch per run instead of per array, against
+    end-to-end: parameters and gradients laid out alike (a model's), one launch per chunk instead of per array, against
     the generic step on separate arrays."""
     from minidiff.kernels.flat import FlatArrays, gather, total_size
     from minidiff.kernels import optim_cuda as fused

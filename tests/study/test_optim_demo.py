@@ -8,11 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from minidiff.study.optim_demo import DEMO_OPTIMIZERS, make_problem, run_optimizer
+from minidiff.study.optim_demo import DEMO_OPTIMIZERS, make_problem, optimize
 
 
 def _steps(kappa, optimizer, tol=1e-6):
-    run = run_optimizer(make_problem("quadratic", kappa), optimizer, tol=tol, max_steps=20000)
+    run = optimize(make_problem("quadratic", kappa), optimizer, tol=tol, max_steps=20000)
     assert run.steps_to_tol is not None, f"{optimizer} did not reach {tol} on kappa={kappa}"
     return run.steps_to_tol
 
@@ -37,7 +37,7 @@ def test_heavy_ball_needs_about_sqrt_kappa_times_fewer_steps_than_gradient_desce
 
 @pytest.mark.parametrize("optimizer", DEMO_OPTIMIZERS)
 def test_rosenbrock_from_minus_1_5_2_converges(optimizer):
-    run = run_optimizer(make_problem("rosenbrock"), optimizer, tol=1e-6, max_steps=40000)
+    run = optimize(make_problem("rosenbrock"), optimizer, tol=1e-6, max_steps=40000)
     assert run.steps_to_tol is not None, f"{optimizer} stopped {run.final_distance:.2e} from (1, 1)"
     np.testing.assert_allclose(run.path[0], [-1.5, 2.0])
     np.testing.assert_allclose(run.path[-1], [1.0, 1.0], atol=1e-6)
