@@ -61,3 +61,12 @@ def one_blas_thread():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def torch64(torch):
+    """torch with float64 as default dtype: its optimizers keep scalar state (step, NAdam's mu_product) in it."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield torch
+    torch.set_default_dtype(old)

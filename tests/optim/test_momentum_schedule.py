@@ -40,13 +40,6 @@ def test_bad_schedules_name_what_is_wrong(args, match):
         make_momentum_schedule(*args)
 
 
-@pytest.fixture
-def torch64(torch):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield torch
-    torch.set_default_dtype(old)
-
 
 CASES = [("adam", Adam, "Adam", {"lr": 0.01, "betas": (0.95, 0.99)}),
          ("adamw", AdamW, "AdamW", {"lr": 0.01, "betas": (0.95, 0.999), "weight_decay": 0.1}),

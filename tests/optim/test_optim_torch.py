@@ -37,14 +37,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def torch64(torch):
-    """torch with float64 as default dtype: its optimizers keep scalar state (step, NAdam's mu_product) in it."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield torch
-    torch.set_default_dtype(old)
-
 
 def _assert_close(ours, ref, what):
     ours, ref = np.asarray(ours), np.asarray(ref)
