@@ -17,12 +17,12 @@ from pathlib import Path
 from minidiff.diffusion.timesteps import TIMESTEP_SAMPLERS
 from minidiff.optim.momentum_schedules import MOMENTUM_SCHEDULES
 
-# Learning rates used when --lr is not given: the tuned rates of the momentum study (docs/momentum-study.md, table in
-# docs/momentum-study/tuning.md), chosen by final training loss for the default model (UNet, base_channels 16) on the
-# digits, batch 128, 800 steps. Adam's 3e-3 is for its default beta1 0.9 (the study picked 1e-3 for beta1 = 0);
-# AdamW and NAdam, not in the study, take Adam's. SGD's and the momentum methods' rates were the largest in their
-# grids, so they may be under-tuned. SGD needs a far larger step than Adam: its step is lr * g, Adam's is ~lr per
-# coordinate.
+# Learning rates used when --lr is not given, for the default model (UNet, base_channels 16) on the digits at batch
+# 128. Adam's 3e-3 and SGD's 0.3 are the best rates of the momentum study's tuning (docs/momentum-study.md), interior
+# to their grids; AdamW and NAdam, not in the study, take Adam's. Momentum's and Nesterov's 0.1 are the first
+# edition's; the second edition's tuning puts both at 0.3. They stay at 0.1 because a run file keeps lr = None when
+# --lr was not given and resolves it here on every resume: changing an entry would change the rate of such runs
+# mid-run. SGD needs a far larger step than Adam: its step is lr * g, Adam's is ~lr per coordinate.
 DEFAULT_LR = {"adam": 3e-3, "adamw": 3e-3, "nadam": 3e-3, "sgd": 0.3, "momentum": 0.1, "nesterov": 0.1}
 OPTIMIZER_NAMES = tuple(DEFAULT_LR)
 MODEL_NAMES = ("auto", "unet", "mlp")
