@@ -12,8 +12,8 @@ MAIN_ORDER = ("sgd", "heavy ball", "nesterov", "adam b1=0", "adam b1=0.5", "adam
               "adam b1=0.9 b2=0.99")
 REFERENCE = "adam b1=0.9"
 PAIRS = (("heavy ball", "sgd"), ("nesterov", "heavy ball"), ("adam b1=0.9", "adam b1=0"),
-         ("adam b1=0.5", "adam b1=0"), ("adam b1=0.99", "adam b1=0.9"), ("adam b1=0.9 b2=0.99", "adam b1=0.9"),
-         ("adam b1=0.9", "heavy ball"), ("adam b1=0.9", "nesterov"))
+         ("adam b1=0.5", "adam b1=0"), ("adam b1=0.9", "adam b1=0.5"), ("adam b1=0.99", "adam b1=0.9"),
+         ("adam b1=0.9 b2=0.99", "adam b1=0.9"), ("adam b1=0.9", "heavy ball"), ("adam b1=0.9", "nesterov"))
 METRICS = (("val_loss_ema", "val loss (EMA)", "{:.5f}"), ("val_loss", "val loss (raw)", "{:.5f}"),
            ("fd", "FD@1000", "{:.1f}"), ("steps_to_target", "steps to target", "{:.0f}"),
            ("seconds_to_target", "s to target", "{:.0f}"))
