@@ -82,7 +82,8 @@ def batch_gain(rows, axes):
         ax.axhline(0, color="0.5", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (equal samples seen)")
-        ax.set_ylabel("momentum's gain in EMA val loss")
+        if dataset == "moons":
+            ax.set_ylabel("momentum's gain in EMA val loss (> 0: helps)")
         ax.set_title(f"claim (a): {dataset}")
         ax.legend(fontsize=7)
 

@@ -150,7 +150,12 @@ def probes_section(rows, series) -> list:
            "", "cos(a, b): cosine between bucket a's and bucket b's probe gradients (each on the whole probe batch). "
            "Ceilings: the split-half cosine rho of a bucket's gradient with itself (two disjoint halves of its probe "
            "batch), then 2 rho / (1 + rho), the Spearman-Brown step from half to the whole batch: what a bucket's "
-           "gradient would reach against an independent draw of itself at the probe's batch size.", ""]
+           "gradient would reach against an independent draw of itself at the probe's batch size. Corrected: "
+           "cos(b0, b9) / sqrt(c0 c9) with c the whole-batch ceilings, Spearman's correction for attenuation: the "
+           "cosine the two buckets' expected gradients would have without the probe's sampling noise. It assumes the "
+           "two buckets' noise independent, but the probe gives every bucket the same x0 and noise (only t "
+           "differs), so nearby buckets share noise and their raw cosines can exceed the ceilings; the correction is "
+           "given for the farthest pair only, and is approximate there too.", ""]
     body = []
     for r in select(rows, "probes"):
         cos, half = probe_summary(series[rows.index(r)])
@@ -158,12 +163,15 @@ def probes_section(rows, series) -> list:
             continue
         b = cos.shape[0]
         adjacent = np.mean([cos[i, i + 1] for i in range(b - 1)])
-        body.append([f"{r['prediction']} / {r['weighting']}", f"{cos[0, -1]:+.2f}", f"{cos[0, 1]:+.2f}",
+        whole = None if half is None else 2 * half / (1 + half)
+        corrected = f"{cos[0, -1] / math.sqrt(whole[0] * whole[-1]):+.2f}" if whole is not None and \
+            whole[0] > 0 and whole[-1] > 0 else "—"
+        body.append([f"{r['prediction']} / {r['weighting']}", f"{cos[0, -1]:+.2f}", corrected, f"{cos[0, 1]:+.2f}",
                      f"{adjacent:+.2f}", f"{cos[-2, -1]:+.2f}",
                      " ".join(f"{h:.2f}" for h in half) if half is not None else "—",
-                     " ".join(f"{2 * h / (1 + h):.2f}" for h in half) if half is not None else "—"])
-    return out + table(["prediction / weighting", "cos(b0, b9)", "cos(b0, b1)", "mean adjacent", "cos(b8, b9)",
-                        "split-half b0..b9", "whole-batch ceiling b0..b9"], body) + [""]
+                     " ".join(f"{c:.2f}" for c in whole) if whole is not None else "—"])
+    return out + table(["prediction / weighting", "cos(b0, b9)", "corrected", "cos(b0, b1)", "mean adjacent",
+                        "cos(b8, b9)", "split-half b0..b9", "whole-batch ceiling b0..b9"], body) + [""]
 
 
 def timing_section(docs: Path) -> list:
