@@ -164,8 +164,8 @@ def probes_section(rows, series) -> list:
         b = cos.shape[0]
         adjacent = np.mean([cos[i, i + 1] for i in range(b - 1)])
         whole = None if half is None else 2 * half / (1 + half)
-        corrected = f"{cos[0, -1] / math.sqrt(whole[0] * whole[-1]):+.2f}" if whole is not None and \
-            whole[0] > 0 and whole[-1] > 0 else "—"
+        measured = whole is not None and whole[0] > 0 and whole[-1] > 0
+        corrected = f"{cos[0, -1] / math.sqrt(whole[0] * whole[-1]):+.2f}" if measured else "—"
         body.append([f"{r['prediction']} / {r['weighting']}", f"{cos[0, -1]:+.2f}", corrected, f"{cos[0, 1]:+.2f}",
                      f"{adjacent:+.2f}", f"{cos[-2, -1]:+.2f}",
                      " ".join(f"{h:.2f}" for h in half) if half is not None else "—",

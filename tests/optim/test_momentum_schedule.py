@@ -40,7 +40,6 @@ def test_bad_schedules_name_what_is_wrong(args, match):
         make_momentum_schedule(*args)
 
 
-
 CASES = [("adam", Adam, "Adam", {"lr": 0.01, "betas": (0.95, 0.99)}),
          ("adamw", AdamW, "AdamW", {"lr": 0.01, "betas": (0.95, 0.999), "weight_decay": 0.1}),
          ("nadam", NAdam, "NAdam", {"lr": 0.01, "betas": (0.95, 0.999)}),

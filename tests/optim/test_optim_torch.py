@@ -37,7 +37,6 @@ CASES = [
 ]
 
 
-
 def _assert_close(ours, ref, what):
     ours, ref = np.asarray(ours), np.asarray(ref)
     err = np.max(np.abs(ours - ref) / np.maximum(np.abs(ref), 1e-300), initial=0.0)
